@@ -1,0 +1,347 @@
+"""Typed configuration: one pydantic model per stage, loaded from params.yaml plus dotted overrides.
+
+params.yaml is THE configuration (DVC reads it as params deps too). Every model forbids unknown
+keys, so a typo fails loudly with the key path and the file. Field descriptions double as help text.
+Relative paths in the config resolve against the folder that holds params.yaml (the project root).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from components.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- scoping
+class SuccessCriteria(Section):
+    max_val_perplexity: float = Field(80.0, gt=1, description="gate: the candidate's test perplexity must be at most this")
+    min_syntax_valid_rate: float = Field(0.05, ge=0, le=1, description="gate: share of greedy completions that parse (ast)")
+
+
+class ScopingConfig(Section):
+    budget_minutes: float = Field(5.0, gt=0, description="pretraining compute budget in wall minutes on this machine")
+    budget_flops: float | None = Field(None, gt=0, description="budget in FLOPs; overrides budget_minutes when set")
+    tokens_per_param: float = Field(20.0, gt=0, description="Chinchilla ratio D/N")
+    max_epochs: float = Field(4.0, gt=0, description="most passes over the training tokens the plan may take")
+    min_params: int = Field(200_000, gt=0, description="smallest sensible model (non-embedding + embedding parameters)")
+    measure_steps: int = Field(3, ge=1, description="training steps timed to measure real throughput")
+    apply: bool = Field(True, description="write the chosen model config for the training stages (data/scoping/model.json)")
+    success: SuccessCriteria = Field(default_factory=SuccessCriteria)
+
+
+# ----------------------------------------------------------------------------- data
+class SplitConfig(Section):
+    val: float = Field(0.05, ge=0, lt=0.5, description="share of documents in the validation split")
+    test: float = Field(0.05, ge=0, lt=0.5, description="share of documents in the test split")
+
+
+class DataConfig(Section):
+    source: str = Field("stdlib", description="stdlib | dir:PATH | jsonl:PATH")
+    glob: str = Field("**/*.py", description="file glob for dir: sources")
+    exclude_dirs: list[str] = Field(
+        default_factory=lambda: ["test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"],
+        description="directory names skipped by stdlib/dir sources (tests are the drifted domain)",
+    )
+    max_documents: int | None = Field(None, gt=0, description="cap on documents (quick runs)")
+    min_chars: int = Field(32, ge=1, description="documents shorter than this are dropped")
+    max_chars: int = Field(400_000, gt=0, description="documents longer than this are dropped")
+    near_dup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which a document is a near duplicate")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    min_total_chars: int = Field(20_000, ge=1, description="validation: the corpus must hold at least this many characters")
+    max_duplicate_share: float = Field(0.0, ge=0, le=1, description="validation: allowed share of duplicate ids/texts after dedup")
+    max_non_printable_share: float = Field(0.01, ge=0, le=1, description="validation: allowed share of non-printable characters per document")
+    sft_jsonl: str | None = Field(None, description="user SFT pairs (prompt/response JSONL); default: built from the corpus's functions")
+    preference_jsonl: str | None = Field(None, description="user preference pairs (prompt/chosen/rejected JSONL)")
+    max_sft_pairs: int | None = Field(None, gt=0, description="cap on SFT/preference pairs built from the corpus")
+    remote: str = Field("../llmcycle-dvc-remote", description="local DVC remote directory (relative to the project root)")
+    seed: int = 1337
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v == "stdlib" or v.startswith("dir:") or v.startswith("jsonl:"):
+            return v
+        raise ValueError(f"must be stdlib, dir:PATH or jsonl:PATH, got {v!r}")
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=300, le=65536, description="BPE vocabulary size (incl. special tokens)")
+    min_frequency: int = Field(2, ge=1, description="BPE merge minimum pair frequency")
+    max_train_chars: int | None = Field(None, gt=0, description="cap on characters fed to BPE training")
+
+
+# ----------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    preset: Literal["tiny", "small", "gpt2-124m", "scoped"] = Field(
+        "scoped", description="tiny | small | gpt2-124m | scoped (what the scoping stage chose, else tiny)")
+    n_layer: int | None = Field(None, ge=1, description="overrides the preset")
+    n_head: int | None = Field(None, ge=1, description="overrides the preset")
+    n_embd: int | None = Field(None, ge=8, description="overrides the preset")
+    block_size: int | None = Field(None, ge=8, description="context length; overrides the preset")
+    intermediate_size: int | None = Field(None, ge=8, description="SwiGLU hidden size; default 8/3 * n_embd rounded to 32")
+    init_from: str = Field("scratch", description="scratch | <local HF checkpoint dir> | models:/<name>@<alias>")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.n_head and self.n_embd and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+# ----------------------------------------------------------------------------- training
+class TrainConfig(Section):
+    """Settings shared by every training stage (each stage has its own copy with its own defaults)."""
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
+    precision: str = Field("32-true", description="Lightning precision: 32-true | bf16-mixed | 16-mixed")
+    strategy: str = Field("auto", description="Lightning strategy: auto | ddp | fsdp | ...")
+    devices: int | str = Field(1, description="devices per node (or 'auto')")
+    num_nodes: int = Field(1, ge=1)
+    accelerator: str = Field("auto", description="auto | cpu | gpu")
+    val_every: int = Field(50, ge=1, description="validate every N steps")
+    val_batches: int = Field(8, ge=1, description="batches per validation")
+    ckpt_every: int = Field(50, ge=1, description="checkpoint every N steps")
+    seed: int = 1337
+    compile: bool = Field(False, description="torch.compile the model (pays off after ~40 s of compilation on CPU)")
+
+
+class PretrainConfig(TrainConfig):
+    max_steps: int = 300
+    lr: float = 2e-3
+    batch_size: int = 16
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
+class SftConfig(TrainConfig):
+    max_steps: int = 150
+    lr: float = 5e-4
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class RewardConfig(TrainConfig):
+    max_steps: int = 150
+    lr: float = 5e-4
+
+
+class DpoConfig(TrainConfig):
+    max_steps: int = 100
+    lr: float = 1e-4
+    beta: float = Field(0.1, gt=0, description="DPO temperature")
+
+
+class PpoConfig(TrainConfig):
+    max_steps: int = 30
+    lr: float = 5e-5
+    rollout_batch: int = Field(8, ge=1, description="prompts per rollout")
+    max_new_tokens: int = Field(48, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float = Field(6.0, gt=0, description="mean KL (nats/sequence) the policy should stay under")
+    clip_range: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, gt=0, le=1)
+
+
+class FinetuneConfig(Section):
+    method: Literal["dpo", "ppo"] = Field("dpo", description="alignment after SFT: dpo, or ppo (trains the reward model first)")
+
+
+# ----------------------------------------------------------------------------- evaluation, registry, serving, monitoring
+class EvaluateConfig(Section):
+    n_prompts: int = Field(32, ge=1, description="held-out prompts scored per model")
+    max_new_tokens: int = Field(96, ge=1)
+    pass_k: list[int] = Field(default_factory=lambda: [1, 4])
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    test_batches: int = Field(16, ge=1, description="test-token batches for perplexity")
+    primary_metric: str = Field("test_perplexity", description="the metric a challenger must improve")
+    tolerances: dict[str, float] = Field(
+        default_factory=lambda: {"test_perplexity": 0.05, "syntax_valid_rate": 0.05},
+        description="relative (perplexity) or absolute (rates) slack before a regression blocks promotion")
+
+
+class RegistryConfig(Section):
+    model_name: str = "llmcycle"
+    reward_model_name: str = "llmcycle-reward"
+
+
+class RateLimitConfig(Section):
+    requests_per_minute: int = Field(120, ge=1)
+    tokens_per_minute: int = Field(60_000, ge=1)
+
+
+class ServingConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    quantize: Literal["none", "int8"] = "none"
+    max_new_tokens: int = Field(128, ge=1)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+
+
+class MonitoringConfig(Section):
+    window: int = Field(200, ge=10, description="requests per drift window")
+    webhook_url: str | None = None
+    drift_share_threshold: float = Field(0.5, gt=0, le=1)
+
+
+class RetrainConfig(Section):
+    min_new_documents: int = Field(20, ge=1)
+
+
+class Settings(Section):
+    scoping: ScopingConfig = Field(default_factory=ScopingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    ppo: PpoConfig = Field(default_factory=PpoConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+    # Not part of params.yaml: where the file was read from (the project root for relative paths).
+    _root: Path = Path(".")
+    _source: str = "<defaults>"
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def source_file(self) -> str:
+        return self._source
+
+    def path(self, *parts: str | Path) -> Path:
+        """A path under the project root (absolute paths pass through)."""
+        p = Path(*parts)
+        return p if p.is_absolute() else (self._root / p)
+
+    def params_hash(self) -> str:
+        """sha256 of the effective params (after overrides), stable across key order."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- model presets
+PRESETS: dict[str, dict[str, int]] = {
+    # ~1-2M parameters with a 4k vocab: the CPU demo.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    # ~20M: a real single-GPU run.
+    "small": dict(n_layer=6, n_head=8, n_embd=384, block_size=512),
+    # GPT-2 small sized (~124M with a 50k vocab): for a GPU.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+}
+
+
+def _coerce(raw: str) -> Any:
+    """`--set key=value`: parse the value as YAML so numbers, bools, null and lists work."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str] | None, source: str = "--set") -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{source}: expected dotted.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source} {key}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _coerce(raw)
+    return data
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msgs.append(f"{source}: {loc}: {msg}")
+    return "; ".join(msgs)
+
+
+def load(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Settings:
+    """Read params.yaml (if it exists), apply `--set` overrides, validate. Raises ConfigError."""
+    data: dict = {}
+    root = Path.cwd()
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path).resolve()
+        root = p.parent
+        source = str(path)
+        if p.exists():
+            try:
+                data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f":{mark.line + 1}" if mark else ""
+                raise ConfigError(f"{path}{where}: not valid YAML: {exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"{path}: config file not found")
+    data = apply_overrides(data, overrides)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as err:
+        src = source if not overrides else f"{source} (with --set {' '.join(overrides)})"
+        raise ConfigError(_format_error(err, src)) from None
+    settings._root = root
+    settings._source = source
+    return settings
+
+
+def resolve_model_shape(settings: Settings, vocab_size: int | None = None) -> dict[str, int]:
+    """The model shape the training stages build: preset (or scoping's choice) + explicit overrides."""
+    m = settings.model
+    if m.preset == "scoped":
+        chosen = settings.path("data/scoping/model.json")
+        base = json.loads(chosen.read_text()) if chosen.exists() else dict(PRESETS["tiny"])
+    else:
+        base = dict(PRESETS[m.preset])
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "intermediate_size"):
+        value = getattr(m, key)
+        if value is not None:
+            base[key] = value
+    if "intermediate_size" not in base or not base["intermediate_size"]:
+        base["intermediate_size"] = max(32, int(round(base["n_embd"] * 8 / 3 / 32)) * 32)
+    if base["n_embd"] % base["n_head"]:
+        raise ConfigError(f"model: n_embd ({base['n_embd']}) must be divisible by n_head ({base['n_head']})")
+    base["vocab_size"] = vocab_size or settings.tokenizer.vocab_size
+    return base

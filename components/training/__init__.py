@@ -1,0 +1,1 @@
+"""llmcycle components.training."""

@@ -1,0 +1,1 @@
+"""llmcycle flows: thin Prefect flows and the Typer CLI over components/."""
