@@ -1,0 +1,48 @@
+# llmcycle: every target installs what it needs (idempotent), on a machine with only Python 3.11, pip and git.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export MLFLOW_DISABLE_TELEMETRY = true
+export DO_NOT_TRACK = true
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export GX_ANALYTICS_ENABLED = false
+
+.PHONY: setup run test test-fast serve ui bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first: an open range would pull a multi-GB CUDA build (TRAPS.md).
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+setup: $(STAMP)
+	@test -d .dvc || $(BIN)/dvc init -q
+	@$(BIN)/dvc config core.analytics false
+
+run: setup
+	$(BIN)/llmcycle run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+serve: setup
+	$(BIN)/llmcycle serve
+
+ui: setup
+	$(BIN)/llmcycle ui --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(BIN)/python benchmarks/train_bench.py
+
+clean:
+	rm -rf data/raw data/processed data/validation data/reports data/scoping checkpoints .prefect

@@ -1,0 +1,122 @@
+"""DVC glue: the data pipeline definition, repo setup, `dvc repro` and `dvc push` as subprocesses.
+
+DVC takes a repo lock, so repro runs one at a time and is retried on a lock error (TRAPS.md).
+The pipeline (dvc.yaml) is generated from PIPELINE here so tests can build the same pipeline in
+a temp project (without the code deps, which only exist in the checkout).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from components.config import Settings
+from components.errors import ConfigError, DataError
+
+CODE = "components/data"
+
+
+def pipeline(code_deps: bool = True) -> dict:
+    """dvc.yaml as a dict: ingest -> validate -> tokenizer -> datasets, each a `llmcycle data` command."""
+    def deps(*paths: str) -> list[str]:
+        return list(paths) + ([CODE] if code_deps else [])
+
+    def report(stage: str) -> list[dict]:
+        return [{f"data/reports/{stage}.json": {"cache": False}}]
+
+    return {"stages": {
+        "ingest": {"cmd": "llmcycle data ingest", "deps": deps(), "params": ["data"],
+                   "outs": ["data/raw"], "metrics": report("ingest")},
+        "validate": {"cmd": "llmcycle data validate", "deps": deps("data/raw"), "params": ["data"],
+                     "outs": ["data/validation/corpus"], "metrics": report("validate")},
+        "tokenizer": {"cmd": "llmcycle data tokenizer", "deps": deps("data/raw", "data/validation/corpus"),
+                      "params": ["tokenizer"], "outs": ["data/processed/tokenizer"],
+                      "metrics": report("tokenizer")},
+        "datasets": {"cmd": "llmcycle data datasets", "deps": deps("data/raw", "data/processed/tokenizer"),
+                     "params": ["data", "model.block_size"],
+                     "outs": ["data/processed/tokens", "data/processed/sft", "data/processed/preference",
+                              "data/validation/finetune"],
+                     "metrics": report("datasets")},
+    }}
+
+
+def write_pipeline(root: Path, code_deps: bool = True) -> Path:
+    path = root / "dvc.yaml"
+    header = "# Generated from components/data/dvc.py:pipeline() -- edit there (a test keeps them in sync).\n"
+    path.write_text(header + yaml.safe_dump(pipeline(code_deps), sort_keys=False))
+    return path
+
+
+def _env() -> dict[str, str]:
+    """The subprocess finds `llmcycle` in the same environment as this interpreter."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def dvc(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=settings.root, env=_env(),
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise DataError(f"dvc {' '.join(args)} failed in {settings.root}: {_last_lines(proc)}")
+    return proc
+
+
+def _last_lines(proc: subprocess.CompletedProcess, n: int = 6) -> str:
+    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])
+
+
+def remote_path(settings: Settings) -> Path:
+    return settings.path(settings.data.remote).resolve()
+
+
+def ensure_repo(settings: Settings) -> None:
+    """`dvc init` when needed (inside git if there is one), analytics off, the local remote configured."""
+    root = settings.root
+    if not (root / ".dvc").exists():
+        args = ["init", "-q"] + ([] if (root / ".git").exists() else ["--no-scm"])
+        dvc(settings, *args)
+    dvc(settings, "config", "core.analytics", "false")
+    remote = remote_path(settings)
+    remote.mkdir(parents=True, exist_ok=True)
+    # --local: the remote's path is per machine, so it lives in .dvc/config.local (git-ignored).
+    dvc(settings, "remote", "add", "--local", "-f", "-d", "llmcycle", str(remote))
+    if not (root / "dvc.yaml").exists():
+        write_pipeline(root)
+
+
+def repro(settings: Settings, targets: tuple[str, ...] = (), attempts: int = 4) -> str:
+    """Run `dvc repro`; retry only on a lock held by another DVC process. Returns DVC's output.
+
+    A failing stage raises DataError carrying the stage's own error line (e.g. the failed expectation).
+    """
+    for attempt in range(1, attempts + 1):
+        proc = dvc(settings, "repro", *targets, check=False)
+        if proc.returncode == 0:
+            return proc.stdout
+        text = proc.stderr + proc.stdout
+        if "lock" in text.lower() and "unable to acquire" in text.lower() and attempt < attempts:
+            time.sleep(2.0 * attempt)
+            continue
+        cause = [ln.split("error: ", 1)[1] for ln in text.splitlines() if ln.startswith("error: ")]
+        raise DataError(cause[0] if cause else f"dvc repro failed: {_last_lines(proc)}")
+    raise DataError("dvc repro: the repository stayed locked by another DVC process")
+
+
+def push(settings: Settings) -> Path:
+    if not (settings.root / ".dvc").exists():
+        raise ConfigError(f"{settings.root}: not a DVC repository (run `make setup` or `llmcycle run` first)")
+    ensure_repo(settings)
+    dvc(settings, "push", "-r", "llmcycle")
+    return remote_path(settings)
+
+
+def status_clean(settings: Settings) -> bool:
+    proc = dvc(settings, "status", check=False)
+    return proc.returncode == 0 and ("up to date" in proc.stdout or not proc.stdout.strip())

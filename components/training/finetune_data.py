@@ -1,0 +1,169 @@
+"""Datasets and collators for the fine-tuning stages: SFT pairs, preference pairs, PPO prompts.
+
+A pair is format_prompt(prompt) + response + "<|end|>"; only the response tokens (with <|end|>)
+are trained or scored, so each example carries a response mask next to its ids. Prompt and
+response are tokenized separately (the response boundary stays exact); an over-long pair keeps the
+prompt's tail and the response's head. Padding is right-sided for training, left for generation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.data import layout
+from components.errors import TrainingError
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a missing or empty file, or a row missing a field, is a TrainingError."""
+    if not path.exists():
+        raise TrainingError(f"{path}: dataset file not found (run `llmcycle data datasets` first)")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainingError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise TrainingError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    if not rows:
+        raise TrainingError(f"{path}: empty dataset, nothing to train on")
+    return rows
+
+
+def sft_rows(settings, split: str) -> list[dict[str, Any]]:
+    return read_jsonl(layout.sft_dir(settings) / f"{split}.jsonl", ("prompt", "response"))
+
+
+def preference_rows(settings, split: str) -> list[dict[str, Any]]:
+    return read_jsonl(layout.preference_dir(settings) / f"{split}.jsonl", ("prompt", "chosen", "rejected"))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the chat-formatted user turn plus the assistant generation prompt."""
+    from components.data.tokenizer import format_prompt
+    return _ids(tokenizer, format_prompt(tokenizer, prompt))
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, response_mask) for prompt + response + <|end|>, at most max_len tokens."""
+    p = prompt_ids(tokenizer, prompt)
+    r = _ids(tokenizer, response + layout.END_OF_TURN)
+    if len(p) + len(r) > max_len:
+        # The prompt's tail holds the generation prompt; keep at least half the window for it
+        # when the response is long, and cut the response's end (its head is what is learned first).
+        keep_p = min(len(p), max(max_len - len(r), max_len // 2))
+        p = p[len(p) - keep_p:]
+        r = r[: max_len - len(p)]
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+class SftDataset(torch.utils.data.Dataset):
+    """Encoded SFT pairs: dict(input_ids, response_mask) as int lists."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, max_len: int):
+        self.items = [encode_pair(tokenizer, r["prompt"], r["response"], max_len) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids, mask = self.items[i]
+        return {"input_ids": ids, "response_mask": mask}
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Encoded preference pairs: chosen and rejected completions of the same prompt."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, max_len: int):
+        self.items = [(encode_pair(tokenizer, r["prompt"], r["chosen"], max_len),
+                       encode_pair(tokenizer, r["prompt"], r["rejected"], max_len)) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        (c_ids, c_mask), (r_ids, r_mask) = self.items[i]
+        return {"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask}
+
+
+def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)  # (B, T)
+
+
+def pad_left(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[value] * (width - len(s)) + s for s in seqs], dtype=torch.long)  # (B, T)
+
+
+class SftCollator:
+    """Right-pads a batch: input_ids, attention_mask, response_mask, all (B, T)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids = [b["input_ids"] for b in batch]
+        return {
+            "input_ids": pad_right(ids, self.pad_id),                      # (B, T)
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),   # (B, T)
+            "response_mask": pad_right([b["response_mask"] for b in batch], 0),  # (B, T)
+        }
+
+
+class PreferenceCollator:
+    """Stacks chosen then rejected into one (2B, T) batch so a single forward scores both.
+
+    Rows [:B] are the chosen completions, rows [B:] the rejected ones, in the same order.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+        masks = [b["chosen_mask"] for b in batch] + [b["rejected_mask"] for b in batch]
+        return {
+            "input_ids": pad_right(ids, self.pad_id),                      # (2B, T)
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),   # (2B, T)
+            "response_mask": pad_right(masks, 0),                          # (2B, T)
+        }
+
+
+class PromptCollator:
+    """Left-pads formatted prompts for generation (new tokens append on the right of every row).
+
+    Prompts longer than max_prompt_len keep their tail, which holds the assistant generation prompt.
+    """
+
+    def __init__(self, tokenizer, max_prompt_len: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_len = max_prompt_len
+
+    def __call__(self, prompts: list[str]) -> dict[str, Any]:
+        ids = [prompt_ids(self.tokenizer, p)[-self.max_prompt_len:] for p in prompts]
+        return {
+            "prompts": list(prompts),
+            "input_ids": pad_left(ids, self.tokenizer.pad_token_id),        # (B, P)
+            "attention_mask": pad_left([[1] * len(s) for s in ids], 0),     # (B, P)
+        }
+
+
+def loader(dataset, batch_size: int, collate, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A CPU-friendly DataLoader (num_workers=0: tiny batches, and no fork after torch threads start)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                                       num_workers=0, generator=gen if shuffle else None)

@@ -1,0 +1,253 @@
+"""The `llmcycle` command line (Typer): one command per stage plus `run`, the whole lifecycle.
+
+Heavy libraries (mlflow, lightning, great_expectations, prefect) are imported inside commands so
+`llmcycle --help` stays fast. Every command takes --config and repeated --set dotted.key=value.
+Exit codes: 0 done (a gate that rejects is done), 1 failed (validation, training), 2 usage/config.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+app = typer.Typer(help="llmcycle: scope, data, train, evaluate, deploy, monitor and retrain a language model.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="The data stage (what `dvc repro` runs), one step at a time, without Prefect.",
+                       no_args_is_help=True)
+train_app = typer.Typer(help="One training stage, without the lifecycle.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+ConfigOpt = typer.Option("params.yaml", "--config", "-c", help="params.yaml to read")
+SetOpt = typer.Option(None, "--set", "-s", help="override a key: --set pretrain.max_steps=50 (repeatable)")
+
+
+def prepare_env(config: str) -> None:
+    """Offline, quiet, and a project-local Prefect home; before any heavy import."""
+    from components.tracking import quiet_env
+
+    quiet_env()
+    root = Path(config).resolve().parent
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Map the project's error types to one-line messages and exit codes (2 usage, 1 failure)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from components.errors import ConfigError, DataError, TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+        except (DataError, TrainingError) as exc:
+            fail(str(exc), 1)
+        except KeyboardInterrupt:
+            fail("interrupted (the last checkpoint is kept; `--resume` continues)", 130)
+    return wrapper
+
+
+def load_settings(config: str, overrides: Optional[List[str]]):
+    prepare_env(config)
+    from components import config as cfg
+
+    return cfg.load(config, overrides or [])
+
+
+def write_report(settings, stage: str, stats: dict) -> None:
+    """data/reports/<stage>.json: the stage's statistics (DVC metrics; the data flow logs them)."""
+    out = settings.path("data", "reports")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{stage}.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, out / f"{stage}.json")
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------- lifecycle
+@app.command()
+@handles_errors
+def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """The main job: the whole lifecycle as one Prefect flow, recorded in MLflow."""
+    settings = load_settings(config, set_)
+    from flows.lifecycle import lifecycle, print_summary
+
+    result = lifecycle(config=config, overrides=set_ or [])
+    print_summary(settings, result)
+
+
+@app.command()
+@handles_errors
+def scope(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Measure this machine, size the model for the budget and data, log the scoping run."""
+    settings = load_settings(config, set_)
+    from flows.scope import run_scoping
+
+    report = run_scoping(settings)
+    from components.scoping import summary_rows
+
+    print_table("scoping report", summary_rows(report))
+
+
+@app.command()
+@handles_errors
+def ui(config: str = ConfigOpt, port: int = typer.Option(5000, help="port"),
+       host: str = typer.Option("127.0.0.1", help="host")) -> None:
+    """Open the MLflow UI on the project's tracking store."""
+    settings = load_settings(config, None)
+    from components import tracking
+
+    uri = tracking.tracking_uri(settings)
+    typer.echo(f"MLflow UI for {uri} at http://{host}:{port}")
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--default-artifact-root", tracking.artifact_location(settings),
+                               "--host", host, "--port", str(port)])
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("ingest")
+@handles_errors
+def data_ingest(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Read the source, normalize, deduplicate, split: data/raw/corpus.jsonl."""
+    settings = load_settings(config, set_)
+    from components.data import ingest
+
+    stats = ingest.run(settings)
+    write_report(settings, "ingest", stats)
+    typer.echo(f"ingest: {stats.get('documents')} documents, {stats.get('chars')} chars")
+
+
+@data_app.command("validate")
+@handles_errors
+def data_validate(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Great Expectations suite on the corpus; exits 1 naming each failed expectation."""
+    settings = load_settings(config, set_)
+    from components.data import validation
+
+    summary = validation.validate_corpus(settings)
+    write_report(settings, "validate", {"success": True, "statistics": summary.get("statistics", {})})
+    typer.echo("validate: corpus suite passed")
+
+
+@data_app.command("tokenizer")
+@handles_errors
+def data_tokenizer(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Train the byte-level BPE tokenizer on the train split."""
+    settings = load_settings(config, set_)
+    from components.data import tokenizer
+
+    stats = tokenizer.run(settings)
+    write_report(settings, "tokenizer", stats)
+    typer.echo(f"tokenizer: vocab {stats.get('vocab_size')}")
+
+
+@data_app.command("datasets")
+@handles_errors
+def data_datasets(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Token arrays, SFT pairs and preference pairs; the fine-tuning sets are validated before they land."""
+    settings = load_settings(config, set_)
+    from components.data import datasets, validation
+    from components.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(settings)
+
+    def check(paths: dict) -> None:
+        validation.validate_finetune(settings, paths["sft"], paths["preference"],
+                                     max_tokens_fn=lambda text: len(tok(text)["input_ids"]))
+
+    stats = datasets.run(settings, check=check)
+    write_report(settings, "datasets", stats)
+    typer.echo(f"datasets: {json.dumps(stats.get('tokens', {}))} tokens")
+
+
+@data_app.command("push")
+@handles_errors
+def data_push(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Push the DVC-tracked data to the configured remote (data.remote)."""
+    settings = load_settings(config, set_)
+    from components.data import dvc
+
+    remote = dvc.push(settings)
+    typer.echo(f"pushed to {remote}")
+
+
+# ----------------------------------------------------------------------------- training
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+
+
+@train_app.command("pretrain")
+@handles_errors
+def train_pretrain(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                   resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
+    """Pretrain from scratch (or model.init_from) on the token arrays."""
+    _train("pretrain", config, set_, resume)
+
+
+@train_app.command("sft")
+@handles_errors
+def train_sft(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+              resume: bool = typer.Option(False, "--resume")) -> None:
+    """Supervised fine-tuning on (prompt, response) pairs."""
+    _train("sft", config, set_, resume)
+
+
+@train_app.command("reward")
+@handles_errors
+def train_reward(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 resume: bool = typer.Option(False, "--resume")) -> None:
+    """Reward model on preference pairs (registered as llmcycle-reward)."""
+    _train("reward", config, set_, resume)
+
+
+@train_app.command("dpo")
+@handles_errors
+def train_dpo(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+              resume: bool = typer.Option(False, "--resume")) -> None:
+    """Direct preference optimization against the frozen SFT reference."""
+    _train("dpo", config, set_, resume)
+
+
+@train_app.command("ppo")
+@handles_errors
+def train_ppo(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+              resume: bool = typer.Option(False, "--resume")) -> None:
+    """PPO against the reward model with a KL leash to the SFT model."""
+    _train("ppo", config, set_, resume)
+
+
+def _train(stage: str, config: str, overrides: Optional[List[str]], resume: bool) -> None:
+    settings = load_settings(config, overrides)
+    from components.training.stages import run_stage
+
+    result = run_stage(settings, stage, resume=resume)
+    metrics = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (result.get("metrics") or {}).items()}
+    print_table(f"{stage} done in {result.get('wall_s', 0):.0f} s",
+                [("model", result.get("model_uri", "")), ("run", result.get("run_id", ""))] + list(metrics.items()))
+
+
+if __name__ == "__main__":
+    app()
