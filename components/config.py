@@ -314,8 +314,8 @@ def load(path: str | Path | None = "params.yaml", overrides: list[str] | None = 
                 raise ConfigError(f"{path}{where}: not valid YAML: {exc}") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
-        elif str(path) != "params.yaml":
-            raise ConfigError(f"{path}: config file not found")
+        else:
+            raise ConfigError(f"{path}: config file not found (--config)")
     data = apply_overrides(data, overrides)
     try:
         settings = Settings.model_validate(data)

@@ -32,9 +32,14 @@ def quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
+# mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into the process environment; remember what we
+# set so a later project in the same process (tests, notebooks) is not sent to the first one's store.
+_LAST_SET_URI: str | None = None
+
+
 def tracking_uri(settings: Settings) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
+    if env and env != _LAST_SET_URI:
         return env
     return f"sqlite:///{settings.path('mlflow', 'mlflow.db').resolve()}"
 
@@ -52,8 +57,10 @@ def configure(settings: Settings) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         settings.path("mlflow", "artifacts").mkdir(parents=True, exist_ok=True)
+    global _LAST_SET_URI
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _LAST_SET_URI = uri
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:

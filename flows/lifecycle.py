@@ -60,8 +60,8 @@ def print_summary(settings: Settings, result: dict) -> None:
         rows.append(("documents", f"{stats['ingest'].get('documents')} ({stats['ingest'].get('chars')} chars)"))
     if "datasets" in stats:
         d = stats["datasets"]
-        rows += [("tokens", str(d.get("tokens"))), ("SFT pairs", str(d.get("sft_pairs"))),
-                 ("preference pairs", str(d.get("preference_pairs")))]
+        rows += [("tokens", str(d.get("tokens"))), ("SFT pairs", str(d.get("sft"))),
+                 ("preference pairs", str(d.get("preference")))]
     rows.append(("data hash (dvc.lock)", (result.get("data") or {}).get("data_hash", "")))
     for stage in ("pretrain", "finetune"):
         if stage in result:

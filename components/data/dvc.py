@@ -104,9 +104,28 @@ def repro(settings: Settings, targets: tuple[str, ...] = (), attempts: int = 4) 
         if "lock" in text.lower() and "unable to acquire" in text.lower() and attempt < attempts:
             time.sleep(2.0 * attempt)
             continue
-        cause = [ln.split("error: ", 1)[1] for ln in text.splitlines() if ln.startswith("error: ")]
-        raise DataError(cause[0] if cause else f"dvc repro failed: {_last_lines(proc)}")
+        raise DataError(_stage_error(text) or f"dvc repro failed: {_last_lines(proc)}")
     raise DataError("dvc repro: the repository stayed locked by another DVC process")
+
+
+def _stage_error(text: str) -> str | None:
+    """The `error: ...` block our CLI printed inside the failing stage (first line + indented detail)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("error: "):
+            block = [line[len("error: "):]]
+            block += [ln for ln in _takewhile_indented(lines[i + 1:])]
+            return "\n".join(block)
+    return None
+
+
+def _takewhile_indented(lines: list[str]) -> list[str]:
+    out = []
+    for ln in lines:
+        if not ln.startswith((" ", "\t")):
+            break
+        out.append(ln)
+    return out
 
 
 def push(settings: Settings) -> Path:

@@ -93,6 +93,10 @@ def corpus_frame(path: Path) -> pd.DataFrame:
     rows = []
     for rec in read_jsonl(path):
         text = _str_or_none(rec.get("text"))
+        encodes = text is None or _encodes(text)
+        if not encodes:
+            # GX hashes the whole frame (pandas, UTF-8) for its batch id; lone surrogates would crash it.
+            text = text.encode("utf-8", "replace").decode("utf-8")
         rows.append({
             "id": None if rec.get("id") is None else str(rec["id"]),
             # GX set checks skip nulls: a missing split must still fail the split check.
@@ -102,9 +106,9 @@ def corpus_frame(path: Path) -> pd.DataFrame:
             "length": None if text is None else len(text),
             "has_nul": text is not None and "\x00" in text,
             "non_printable_share": 0.0 if text is None else non_printable_share(text),
-            "utf8_valid": rec["_utf8"] and (text is None or _encodes(text)),
+            "utf8_valid": rec["_utf8"] and encodes,
             "text_hash": None if text is None
-            else hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(),
+            else hashlib.sha1(text.encode("utf-8")).hexdigest(),
         })
     cols = ["id", "split", "text", "line", "length", "has_nul", "non_printable_share", "utf8_valid", "text_hash"]
     df = pd.DataFrame(rows, columns=cols)

@@ -36,7 +36,7 @@ def validate_corpus(settings: Settings, corpus_path: str | Path | None = None,
     checks = corpus_checks(d.min_chars, d.max_chars, d.min_total_chars, d.max_duplicate_share,
                            d.max_non_printable_share)
     suite = _run_suites(out, [("corpus", corpus_frame(path), checks)])[0]
-    summary = {**suite, "source": str(path), "docs": str(out / "docs" / "index.html")}
+    summary = {**suite, "source": _rel(settings, path), "docs": _rel(settings, out / "docs" / "index.html")}
     _write_json_atomic(out / "result.json", summary)
     _raise_on_failure("corpus", [suite], out)
     return summary
@@ -58,13 +58,13 @@ def validate_finetune(settings: Settings, sft_dir: str | Path | None = None,
     runs = [(kind, pairs_frame(where, kind, max_tokens_fn), pairs_checks(where, kind, block, in_tokens))
             for kind, where in (("sft", sft), ("preference", pref))]
     suites = _run_suites(out, runs)
-    sources = {"sft": str(sft), "preference": str(pref)}
+    sources = {"sft": _rel(settings, sft), "preference": _rel(settings, pref)}
     summary = {
         "suite": "finetune",
         "success": all(s["success"] for s in suites),
         "statistics": _add_statistics([s["statistics"] for s in suites]),
         "suites": {s["suite"]: {**s, "source": sources[s["suite"]]} for s in suites},
-        "docs": str(out / "docs" / "index.html"),
+        "docs": _rel(settings, out / "docs" / "index.html"),
     }
     _write_json_atomic(out / "result.json", summary)
     _raise_on_failure("finetune", suites, out)
@@ -129,8 +129,8 @@ def _publish_docs(out: Path) -> None:
 def _summarize(name: str, df: pd.DataFrame, by_id: dict[str, tuple[int, Check]], validation) -> dict:
     """The compact per-suite record of result.json (GX's full result stays in gx/uncommitted)."""
     expectations = []
+    # GX reorders results; the suite's own order reads better in result.json and messages.
     for res in sorted(validation.results, key=lambda r: by_id[r.expectation_config.id][0]):
-        # GX reorders results; the suite's own order reads better in result.json and messages.
         config = res.expectation_config
         check = by_id[config.id][1]
         result = _plain(res.result or {})
@@ -161,7 +161,8 @@ def _offending(df: pd.DataFrame, check: Check) -> list[dict]:
     rows = []
     for idx, value in found.items():
         row = df.loc[idx]
-        label = row["id"] if isinstance(row["id"], str) else f"{row.get('file', 'line')}:{row['line']}"
+        where = f"{row['file']}:{row['line']}" if "file" in row.index else f"line {row['line']}"
+        label = row["id"] if isinstance(row["id"], str) else where
         rows.append({"id": label, "value": value})
     return rows
 
@@ -213,7 +214,7 @@ def failure_line(entry: dict) -> str:
         return f"{head}: {entry['detail']}"
     examples = ", ".join(f"id={o['id']} ({o['value']})" for o in entry["offending"])
     count = entry.get("unexpected_count")
-    return f"{head}: {count} rows" + (f", e.g. {examples}" if examples else "")
+    return f"{head}: {count} row{'s' * (count != 1)}" + (f", e.g. {examples}" if examples else "")
 
 
 def _raise_on_failure(what: str, suites: list[dict], out: Path) -> None:
@@ -226,6 +227,14 @@ def _raise_on_failure(what: str, suites: list[dict], out: Path) -> None:
     lines += [f"  {prefix(name)}{failure_line(e)}" for name, e in failed]
     lines.append(f"  details: {out / 'result.json'}, {out / 'docs' / 'index.html'}")
     raise DataError("\n".join(lines))
+
+
+def _rel(settings: Settings, path: Path) -> str:
+    # Paths under the project root are stored relative so result.json reads the same in every checkout.
+    try:
+        return str(Path(path).resolve().relative_to(settings.root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

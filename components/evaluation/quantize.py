@@ -31,6 +31,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        # torch 2.13 warns that quantized tensor dtypes are deprecated: known, see module docstring.
+        warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
         return torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 

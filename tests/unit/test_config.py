@@ -11,6 +11,13 @@ from components.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
+def tmp_path(tmp_path):
+    """Every test here starts from an empty params.yaml (all defaults)."""
+    (tmp_path / "params.yaml").write_text("")
+    return tmp_path
+
+
 def test_project_params_yaml_is_valid_and_has_every_stage_section():
     s = cfg.load(ROOT / "params.yaml")
     assert s.root == ROOT

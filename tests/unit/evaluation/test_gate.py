@@ -84,7 +84,7 @@ def _register_versions(settings, name: str, n: int) -> list[str]:
 
 def _aliases(settings, name: str) -> dict[str, str]:
     import mlflow
-    return dict(mlflow.MlflowClient().get_registered_model(name).aliases)
+    return {alias: str(v) for alias, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
 
 
 def test_apply_decision_and_rollback_move_aliases(tiny_settings):
