@@ -48,12 +48,13 @@ def handles_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from components.errors import ConfigError, DataError, TrainingError
+        from components.evaluation.gate import GateError
 
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             fail(str(exc), 2)
-        except (DataError, TrainingError) as exc:
+        except (DataError, TrainingError, GateError) as exc:
             fail(str(exc), 1)
         except KeyboardInterrupt:
             fail("interrupted (the last checkpoint is kept; `--resume` continues)", 130)
@@ -126,6 +127,45 @@ def ui(config: str = ConfigOpt, port: int = typer.Option(5000, help="port"),
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--default-artifact-root", tracking.artifact_location(settings),
                                "--host", host, "--port", str(port)])
+
+
+@app.command()
+@handles_errors
+def evaluate(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             model: Optional[str] = typer.Option(None, "--model", help="runs:/..., models:/name@alias or a save_pretrained folder (default: checkpoints/<finetune.method>/hf)"),
+             label: str = typer.Option("candidate", "--label", help="names data/evaluation/<label>.json")) -> None:
+    """Evaluate a model on the held-out sets (perplexity vs n-gram baselines, code pass@k, int8), logged to MLflow."""
+    load_settings(config, set_)
+    from flows.evaluate import evaluate_flow
+
+    r = evaluate_flow(config, set_ or [], model_uri=model, label=label)
+    print_table(f"evaluate {r['model_uri']}",
+                [("run", r["run_id"])] + [(k, f"{v:.4g}") for k, v in sorted(r["metrics"].items())])
+
+
+@app.command()
+@handles_errors
+def promote(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Register the newest evaluated model and gate it against the champion (a reject exits 0)."""
+    load_settings(config, set_)
+    from flows.deploy import deploy_flow
+
+    r = deploy_flow(config, set_ or [])
+    print_table(f"gate: {r['decision']}", [("version", r["version"]), ("reason", r["reason"]),
+                                          ("champion", r["champion"]), ("previous", r["previous"]),
+                                          ("challenger", r["challenger"]), ("decision reused", str(r["reused"])),
+                                          ("deploy run", r["deploy_run_id"])])
+
+
+@app.command()
+@handles_errors
+def rollback(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Move `champion` back to `previous`."""
+    settings = load_settings(config, set_)
+    from components.evaluation.promotion import rollback as do_rollback
+
+    r = do_rollback(settings)
+    typer.echo(f"champion of {r['model']} is v{r['champion']} again")
 
 
 # ----------------------------------------------------------------------------- data

@@ -12,6 +12,8 @@ from prefect import flow
 from components import tracking
 from components.config import Settings
 from flows.data import data_flow
+from flows.deploy import deploy_flow
+from flows.evaluate import evaluate_flow
 from flows.scope import scope_task
 
 
@@ -31,9 +33,50 @@ def lifecycle(config: str = "params.yaml", overrides: list[str] | None = None) -
         result["lifecycle_run_id"] = run.info.run_id
         result["scoping"] = scope_task(params.config, params.overrides)
         result["data"] = data_flow(params.config, params.overrides)
-        result.update(_training(params))
+        train_params = _with_scoped_steps(params, settings, result["scoping"])
+        duplicate = _registered_already(train_params)
+        if duplicate is not None:
+            # Same clean commit, data and params as a registered version: nothing new to train or gate.
+            result["deploy"] = duplicate
+            result["lifecycle_run_id"] = run.info.run_id
+            result["tracking_uri"] = tracking.tracking_uri(settings)
+            return result
+        result.update(_training(train_params))
+        if "finetune" in result:
+            # The same overrides as training, so the registered version's params_hash matches the model.
+            ev = evaluate_flow(train_params.config, train_params.overrides,
+                               model_uri=result["finetune"]["model_uri"])
+            result["evaluate"] = ev
+            result["deploy"] = deploy_flow(train_params.config, train_params.overrides, ev["model_uri"],
+                                           ev["metrics"], eval_run_id=ev["run_id"])
     result["tracking_uri"] = tracking.tracking_uri(settings)
     return result
+
+
+def _with_scoped_steps(params: LifecycleParams, settings: Settings, scoping: dict) -> LifecycleParams:
+    """With scoping.apply, pretraining trains the tokens scoping planned for the budget (unless --set)."""
+    if not settings.scoping.apply or any(o.startswith("pretrain.max_steps=") for o in params.overrides):
+        return params
+    steps = f"pretrain.max_steps={scoping['pretrain_steps']}"
+    return LifecycleParams(config=params.config, overrides=[*params.overrides, steps])
+
+
+def _registered_already(params: LifecycleParams) -> dict | None:
+    """The registered version (and its gate decision) built from exactly this commit, data and params."""
+    from components import config as cfg
+    from components.evaluation.promotion import find_duplicate
+
+    settings = cfg.load(params.config, params.overrides)
+    mv = find_duplicate(settings)
+    if mv is None:
+        return None
+    from components.tracking import get_alias_version
+
+    champ = get_alias_version(settings, settings.registry.model_name, "champion")
+    print(f"up to date: version {mv.version} was built from this commit, data and params; not retrained")
+    return {"decision": mv.tags.get("gate_decision", "unknown"), "version": mv.version,
+            "reason": "reused: " + mv.tags.get("gate_reason", ""), "champion": champ.version if champ else None,
+            "reused": True}
 
 
 def _training(params: LifecycleParams) -> dict:
@@ -66,6 +109,16 @@ def print_summary(settings: Settings, result: dict) -> None:
     for stage in ("pretrain", "finetune"):
         if stage in result:
             rows.append((f"{stage} model", str(result[stage].get("model_uri", ""))))
+    ev = result.get("evaluate")
+    if ev:
+        m = ev["metrics"]
+        rows.append(("evaluation", f"test ppl {m.get('test_perplexity', float('nan')):.2f} vs KN-trigram "
+                                   f"{m.get('baseline_kn3_perplexity', float('nan')):.2f}; syntax-valid "
+                                   f"{m.get('syntax_valid_rate', float('nan')):.2f}"))
+    d = result.get("deploy")
+    if d:
+        rows += [("gate", f"{d['decision']} v{d['version']}: {d['reason']}"),
+                 ("champion", f"models:/{settings.registry.model_name}@champion (v{d['champion']})")]
     rows += [("lifecycle run", result.get("lifecycle_run_id", "")),
              ("MLflow store", result.get("tracking_uri", "")),
              ("look at it", "make ui  (MLflow UI at http://127.0.0.1:5000)")]

@@ -14,11 +14,12 @@ from components import scoping, tracking
 from components.config import Settings
 
 
-def run_scoping(settings: Settings) -> scoping.ScopingReport:
+def run_scoping(settings: Settings, reuse: bool = False) -> scoping.ScopingReport:
     with tracking.stage_run(settings, "scoping", params=settings.scoping.model_dump(mode="json")):
         import mlflow
 
-        report = scoping.run(settings)
+        report = scoping.run(settings, reuse=reuse)
+        mlflow.set_tag("plan_reused", str(report.reused).lower())
         mlflow.log_metrics({
             "matmul_gflops": report.matmul_flops / 1e9, "probe_tokens_per_sec": report.train_tokens_per_sec,
             "budget_flops": report.plan["budget_flops"], "n_params": report.n_params,
@@ -42,6 +43,6 @@ def run_scoping(settings: Settings) -> scoping.ScopingReport:
 def scope_task(config: str, overrides: list[str]) -> dict:
     from components import config as cfg
 
-    report = run_scoping(cfg.load(config, overrides))
+    report = run_scoping(cfg.load(config, overrides), reuse=True)
     return {"n_params": report.n_params, "model": report.model, "pretrain_steps": report.pretrain_steps,
             "rows": scoping.summary_rows(report)}

@@ -47,34 +47,39 @@ def preference_rows(settings, split: str) -> list[dict[str, Any]]:
     return read_jsonl(layout.preference_dir(settings) / f"{split}.jsonl", ("prompt", "chosen", "rejected"))
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each chat-formatted user turn plus the assistant generation prompt."""
+    from components.data.tokenizer import encode_many, format_prompt
+    # The template's role tags are control tokens: encode them as such.
+    return encode_many(tokenizer, [format_prompt(tokenizer, p) for p in prompts], specials_as_text=False)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of the chat-formatted user turn plus the assistant generation prompt."""
-    from components.data.tokenizer import format_prompt
-    return _ids(tokenizer, format_prompt(tokenizer, prompt))
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, response_mask) for prompt + response + <|end|>, at most max_len tokens."""
-    p = prompt_ids(tokenizer, prompt)
-    r = _ids(tokenizer, response + layout.END_OF_TURN)
+def _fit(p: list[int], r: list[int], max_len: int) -> tuple[list[int], list[int]]:
     if len(p) + len(r) > max_len:
-        # The prompt's tail holds the generation prompt; keep at least half the window for it
-        # when the response is long, and cut the response's end (its head is what is learned first).
+        # The prompt's tail holds the generation prompt; keep at least half the window for it when
+        # the response is long, and cut the response's end (its start is what the prompt conditions).
         keep_p = min(len(p), max(max_len - len(r), max_len // 2))
         p = p[len(p) - keep_p:]
         r = r[: max_len - len(p)]
     return p + r, [0] * len(p) + [1] * len(r)
 
 
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str],
+                 max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, response_mask) per pair for format_prompt(prompt) + response + <|end|>, <= max_len tokens."""
+    from components.data.tokenizer import encode_many
+
+    end = tokenizer.convert_tokens_to_ids(layout.END_OF_TURN)
+    # Code may quote "<|end|>" and friends: inside a response they are text, never control ids.
+    r_ids = encode_many(tokenizer, responses, specials_as_text=True)
+    return [_fit(p, r + [end], max_len) for p, r in zip(prompt_ids(tokenizer, prompts), r_ids)]
+
+
 class SftDataset(torch.utils.data.Dataset):
     """Encoded SFT pairs: dict(input_ids, response_mask) as int lists."""
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer, max_len: int):
-        self.items = [encode_pair(tokenizer, r["prompt"], r["response"], max_len) for r in rows]
+        self.items = encode_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], max_len)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -88,8 +93,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
     """Encoded preference pairs: chosen and rejected completions of the same prompt."""
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer, max_len: int):
-        self.items = [(encode_pair(tokenizer, r["prompt"], r["chosen"], max_len),
-                       encode_pair(tokenizer, r["prompt"], r["rejected"], max_len)) for r in rows]
+        prompts = [r["prompt"] for r in rows]
+        chosen = encode_pairs(tokenizer, prompts, [r["chosen"] for r in rows], max_len)
+        rejected = encode_pairs(tokenizer, prompts, [r["rejected"] for r in rows], max_len)
+        self.items = list(zip(chosen, rejected))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -143,22 +150,32 @@ class PreferenceCollator:
         }
 
 
+class PromptDataset(torch.utils.data.Dataset):
+    """Encoded PPO prompts; over-long ones keep their tail, which holds the assistant generation prompt."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, max_prompt_len: int):
+        self.rows = rows
+        self.ids = [p[-max_prompt_len:] for p in prompt_ids(tokenizer, [r["prompt"] for r in rows])]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"prompt": self.rows[i]["prompt"], "name": self.rows[i].get("name", ""), "ids": self.ids[i]}
+
+
 class PromptCollator:
-    """Left-pads formatted prompts for generation (new tokens append on the right of every row).
+    """Left-pads prompts for generation, so new tokens append on the right of every row."""
 
-    Prompts longer than max_prompt_len keep their tail, which holds the assistant generation prompt.
-    """
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
 
-    def __init__(self, tokenizer, max_prompt_len: int):
-        self.tokenizer = tokenizer
-        self.max_prompt_len = max_prompt_len
-
-    def __call__(self, prompts: list[str]) -> dict[str, Any]:
-        ids = [prompt_ids(self.tokenizer, p)[-self.max_prompt_len:] for p in prompts]
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [b["ids"] for b in batch]
         return {
-            "prompts": list(prompts),
-            "input_ids": pad_left(ids, self.tokenizer.pad_token_id),        # (B, P)
-            "attention_mask": pad_left([[1] * len(s) for s in ids], 0),     # (B, P)
+            "prompts": [b["prompt"] for b in batch],
+            "input_ids": pad_left(ids, self.pad_id),                   # (B, P)
+            "attention_mask": pad_left([[1] * len(s) for s in ids], 0),  # (B, P)
         }
 
 

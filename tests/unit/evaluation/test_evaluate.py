@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ from components.errors import ConfigError
 from components.evaluation import evaluate, gate, promotion
 from tests.conftest import write_params
 
+URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 GOOD = {"test_perplexity": 50.0, "syntax_valid_rate": 0.5, "defines_name_rate": 0.4, "pass_at_1": 0.3}
 WORSE = {"test_perplexity": 80.0, "syntax_valid_rate": 0.2, "defines_name_rate": 0.1, "pass_at_1": 0.1}
 
@@ -94,6 +96,7 @@ def evaluated(tmp_path_factory):
     """One evaluation nested in a lifecycle run with a pretrain sibling and a registered champion."""
     import mlflow
 
+    saved = {k: os.environ.pop(k) for k in URI_VARS if k in os.environ}
     settings = make_project(tmp_path_factory.mktemp("evalproj"))
     with tracking.lifecycle_run(settings):
         with tracking.stage_run(settings, "pretrain"):
@@ -103,7 +106,14 @@ def evaluated(tmp_path_factory):
         version = promotion.register_candidate(settings, uri, "sft", metrics=GOOD)
         tracking.set_alias(settings, settings.registry.model_name, gate.CHAMPION, version)
         result = evaluate.run(settings)
-    return settings, result
+    # This module-scoped setup runs before the per-test URI reset (conftest), which would otherwise
+    # save this store's URI and restore it after every test, leaking it into later test files.
+    for key in URI_VARS:
+        os.environ.pop(key, None)
+    yield settings, result
+    for key in URI_VARS:
+        os.environ.pop(key, None)
+    os.environ.update(saved)
 
 
 def test_evaluate_reports_every_metric(evaluated):

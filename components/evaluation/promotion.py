@@ -1,0 +1,228 @@
+"""Promotion: register an evaluated candidate, gate it against the champion, move the aliases.
+
+Evaluation metrics travel with the model version as `metric.<name>` tags (plus `eval_run_id`), so
+the gate reads the champion's numbers from the registry alone. Re-runs are idempotent: before
+registering, a version whose git_commit, data_hash and params_hash equal the current ones (with
+git_dirty=false) is reused, and so is the gate decision it already carries; a dirty or non-git
+checkout always registers, since its code may differ under the same commit.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+from components import tracking
+from components.config import Settings
+from components.evaluation import gate
+
+METRIC_TAG = "metric."
+DEDUP_TAGS = ("git_commit", "data_hash", "params_hash")
+
+
+def version_metrics(mv: Any) -> dict[str, float]:
+    """{name: value} from a ModelVersion's metric.<name> tags (unparsable values are left out)."""
+    out = {}
+    for key, value in (getattr(mv, "tags", None) or {}).items():
+        if key.startswith(METRIC_TAG):
+            try:
+                out[key[len(METRIC_TAG):]] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+@contextlib.contextmanager
+def deploy_run(settings: Settings) -> Iterator[Any]:
+    """The active `deploy` run (the deploy flow opens one), else a new one nested as usual."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and mlflow.MlflowClient().get_run(active.info.run_id).data.tags.get("stage") == "deploy":
+        yield active
+        return
+    with tracking.stage_run(settings, "deploy") as run:
+        yield run
+
+
+def find_duplicate(settings: Settings) -> Any | None:
+    """The newest version registered from the same clean commit, data and params, else None."""
+    import mlflow
+
+    lineage = tracking.lineage_tags(settings)
+    if lineage.get("git_dirty") != "false" or lineage.get("git_commit") in (None, "", "unknown"):
+        return None
+    tracking.configure(settings)
+    name = settings.registry.model_name
+    query = " and ".join([f"name = '{name}'", "tags.git_dirty = 'false'",
+                          *(f"tags.{k} = '{lineage[k]}'" for k in DEDUP_TAGS)])
+    found = mlflow.MlflowClient().search_model_versions(query)
+    return max(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _parent_version(settings: Settings) -> str | None:
+    """The registered version training started from, when model.init_from is models:/<name>@alias|/v."""
+    src = settings.model.init_from
+    prefix = f"models:/{settings.registry.model_name}"
+    if src.startswith(prefix + "@"):
+        mv = tracking.get_alias_version(settings, settings.registry.model_name, src[len(prefix) + 1:])
+        return str(mv.version) if mv else None
+    if src.startswith(prefix + "/"):
+        return src[len(prefix) + 1:]
+    return None
+
+
+def registrable_uri(settings: Settings, model_uri: str) -> str:
+    """An URI mlflow.register_model accepts for model_uri.
+
+    A stage's checkpoints/<stage>/hf maps back to the run that logged it (run_id.txt beside it);
+    any other local folder is logged (transformers flavor) to the deploy run first.
+    """
+    if model_uri.startswith(("runs:/", "models:/")):
+        return model_uri
+    from components.errors import ConfigError
+    from components.training.stages import parent_model_uri
+
+    mapped = parent_model_uri(settings, model_uri)
+    if mapped.startswith("runs:/"):
+        return mapped
+    path = settings.path(model_uri)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"promote: {model_uri!r} is neither an MLflow model URI nor a save_pretrained folder")
+    from components.model.build import load_causal_lm
+
+    model, tokenizer = load_causal_lm(settings, str(path))
+    with deploy_run(settings):
+        return tracking.log_hf_model(model, tokenizer, name="model", parent_uri=str(path))
+
+
+def register_candidate(settings: Settings, model_uri: str, stage: str | None = None,
+                       parent_version: str | None = None, description: str = "",
+                       metrics: dict[str, float] | None = None, eval_run_id: str | None = None) -> str:
+    """Register model_uri as a version of registry.model_name (or reuse a duplicate); returns the version.
+
+    stage defaults to finetune.method, parent_version to the version model.init_from names.
+    The version is tagged eval_run_id and metric.<name> for each finite metric.
+    """
+    import mlflow
+
+    name = settings.registry.model_name
+    client_tags = {f"{METRIC_TAG}{k}": repr(float(v)) for k, v in (metrics or {}).items()
+                   if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    if eval_run_id:
+        client_tags["eval_run_id"] = eval_run_id
+    dup = find_duplicate(settings)
+    if dup is not None:
+        version = str(dup.version)
+        client_tags = {k: v for k, v in client_tags.items() if k not in (dup.tags or {})}  # fill gaps only
+        client_tags["dedup_hits"] = str(int((dup.tags or {}).get("dedup_hits", "0")) + 1)
+    else:
+        stage = stage or settings.finetune.method
+        parent = parent_version or _parent_version(settings)
+        mv = tracking.register_model(settings, registrable_uri(settings, model_uri), name, stage, parent,
+                                     description or f"{stage} candidate from {model_uri}"
+                                     + (f", evaluated in run {eval_run_id}" if eval_run_id else ""))
+        version = str(mv.version)
+    client = mlflow.MlflowClient()
+    for key, value in client_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def promote(settings: Settings, version: str | int, candidate_metrics: dict[str, float] | None = None,
+            reuse_decision: bool = True) -> dict[str, Any]:
+    """Gate a registered version against the champion and move aliases (gate.apply_decision).
+
+    candidate_metrics default to the version's metric.* tags. A version that already carries a
+    gate_decision (a deduplicated re-run) returns that decision unless reuse_decision=False.
+    Raises GateError, moving no alias, when the champion has no metric.* tags.
+    Returns {decision, reason, version, champion, previous, challenger, compared, reused}.
+    """
+    import mlflow
+
+    tracking.configure(settings)
+    name, version = settings.registry.model_name, str(version)
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, version)
+    tags = mv.tags or {}
+    aliases = _aliases(settings)
+    # A recorded decision counts once it took effect: a reject, or a promote that moved champion
+    # (the version is champion or previous, or was rolled back). A promote tag with no alias move
+    # means an earlier gate died between tagging and moving aliases: decide again.
+    settled = tags.get("gate_decision") == "reject" or tags.get("rolled_back") == "true" or \
+        version in (aliases[gate.CHAMPION], aliases[gate.PREVIOUS])
+    if reuse_decision and "gate_decision" in tags and settled:
+        return {**aliases, "decision": tags["gate_decision"], "reason": tags.get("gate_reason", ""),
+                "version": version, "compared": {}, "reused": True}
+
+    candidate = dict(candidate_metrics) if candidate_metrics else version_metrics(mv)
+    champ = tracking.get_alias_version(settings, name, gate.CHAMPION)
+    champ_metrics = None
+    if champ is not None:
+        champ_metrics = version_metrics(champ)
+        if not champ_metrics:
+            raise gate.GateError(f"gate: champion {name} v{champ.version} has no {METRIC_TAG}* tags to compare "
+                                 f"against; evaluate it (llmcycle evaluate --model models:/{name}@champion) "
+                                 "and tag it, or roll back")
+    with deploy_run(settings):
+        decision = gate.decide(candidate, champ_metrics, settings.scoping.success, settings.evaluate.tolerances,
+                               settings.evaluate.primary_metric)
+        _log_decision(name, version, champ, decision)
+        result = gate.apply_decision(settings, name, version, decision)
+    # apply_decision can hand back int versions (ModelVersion.version); callers compare strings.
+    result = {k: (str(v) if v is not None and k != "decision" else v) for k, v in result.items()}
+    return {**result, "reason": decision.reason, "compared": decision.compared, "reused": False}
+
+
+def _log_decision(name: str, version: str, champ: Any, decision: gate.GateDecision) -> None:
+    """The decision, its reason and every compared number on the active deploy run."""
+    import mlflow
+
+    mlflow.set_tags({"model_name": name, "candidate_version": version,
+                     "champion_version": str(champ.version) if champ is not None else "none",
+                     "gate_decision": "promote" if decision.promote else "reject",
+                     "gate_reason": decision.reason[:5000]})
+    numbers = {"gate_promote": float(decision.promote)}
+    for metric, fields in decision.compared.items():
+        for key, value in fields.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[f"gate.{metric}.{key}"] = float(value)
+    mlflow.log_metrics(numbers)
+    mlflow.log_dict({"decision": "promote" if decision.promote else "reject", "reason": decision.reason,
+                     "candidate_version": version, "compared": decision.compared}, "gate/decision.json")
+
+
+def _aliases(settings: Settings) -> dict[str, str | None]:
+    name = settings.registry.model_name
+    out = {}
+    for alias in (gate.CHAMPION, gate.PREVIOUS, gate.CHALLENGER):
+        mv = tracking.get_alias_version(settings, name, alias)
+        out[alias] = str(mv.version) if mv else None
+    return out
+
+
+def rollback(settings: Settings) -> dict[str, Any]:
+    """Move champion back to previous (gate.rollback), recorded as a deploy run tagged action=rollback."""
+    import mlflow
+
+    name = settings.registry.model_name
+    with deploy_run(settings):
+        restored = gate.rollback(settings, name)
+        mlflow.set_tags({"action": "rollback", "model_name": name, "champion_version": restored})
+    return {"model": name, "champion": restored}
+
+
+def latest_evaluation(settings: Settings, label: str | None = None) -> dict[str, Any] | None:
+    """{run_id, model_uri, metrics} of the newest finished evaluate run (for `llmcycle promote`)."""
+    import mlflow
+
+    tracking.configure(settings)
+    query = "tags.stage = 'evaluate' and attributes.status = 'FINISHED'"
+    if label:
+        query += f" and tags.eval_label = '{label}'"
+    runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string=query,
+                              order_by=["start_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        return None
+    run = runs[0]
+    return {"run_id": run.info.run_id, "model_uri": run.data.tags.get("model_uri"), "metrics": dict(run.data.metrics)}

@@ -1,0 +1,277 @@
+"""Pretraining stage: next-token prediction on the token arrays, one MLflow run `pretrain`, resumable.
+
+CausalLMModule wraps the HF model (loss, val perplexity, throughput and MFU); run() wires model, data,
+trainer and MLflow, and leaves a plain HF folder (checkpoints/pretrain/hf) plus a logged transformers
+model for the next stage. --resume continues the newest checkpoint inside the same MLflow run.
+The module class is built on first use, so importing this file does not import lightning.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Iterator
+
+import torch
+
+from components import tracking
+from components.config import Settings, TrainConfig
+from components.data import layout
+from components.errors import ConfigError
+from components.model.build import count_parameters, load_causal_lm
+from components.training.data import TokenData
+from components.training.losses import causal_lm_loss
+from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit, last_checkpoint
+
+STAGE = "pretrain"
+RUN_ID_FILE = "run_id.txt"
+
+
+# ----------------------------------------------------------------------------- throughput accounting
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6N for the matmuls + 12 * L * d * T for attention."""
+    return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
+
+
+def measure_matmul_flops(device: torch.device, precision: str = "32-true", seconds: float = 0.3) -> float:
+    """Best observed square-matmul FLOP/s on device in the training dtype (the MFU denominator)."""
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
+        else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops(settings: Settings, device: torch.device, precision: str) -> float:
+    """The scoping stage's measured CPU matmul peak when training on CPU in fp32, else measured now."""
+    report = layout.scoping_dir(settings) / "report.json"
+    if device.type == "cpu" and precision.startswith("32") and report.is_file():
+        value = json.loads(report.read_text()).get("matmul_flops")
+        if value:
+            return float(value)
+    return measure_matmul_flops(device, precision)
+
+
+# ----------------------------------------------------------------------------- the LightningModule
+@functools.lru_cache(maxsize=None)
+def _module_class() -> type:
+    import lightning as L
+
+    class CausalLMModule(L.LightningModule):
+        """Next-token training of a HF causal LM on (B, T+1) token windows."""
+
+        def __init__(self, model: Any, cfg: TrainConfig, data: TokenData, flops_per_token: float,
+                     peak_flops: float | None = None, settings: Settings | None = None):
+            super().__init__()
+            self.model, self.cfg, self.data, self.settings = model, cfg, data, settings
+            self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+            # Compile the bound forward, not the module: state_dict keys stay HF's, generate() stays eager.
+            self._forward = torch.compile(model.forward) if cfg.compile else model.forward
+            self._val_losses: list[torch.Tensor] = []
+            self.last_val: tuple[int, float] | None = None     # (global step, val loss) of the latest validation
+            self.last_train_loss = torch.tensor(float("nan"))
+            self.throughput: list[tuple[int, float, bool]] = []  # (tokens, seconds, first step of a fit)
+            self._t0 = 0.0
+            self._first_step = True
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self._forward(input_ids=input_ids).logits                   # (B, T, V)
+
+        def train_dataloader(self) -> Any:
+            # Runs after Lightning restored a checkpoint: global_step is where the data must continue.
+            return self.data.train_loader(start_step=self.trainer.global_step, rank=self.trainer.global_rank)
+
+        def val_dataloader(self) -> Any:
+            return self.data.val_loader(self.cfg.val_batches)
+
+        def configure_optimizers(self) -> dict:
+            opt = configure_adamw(self.model, self.cfg)
+            sched = cosine_with_warmup(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def on_fit_start(self) -> None:
+            if self.peak_flops is None:
+                self.peak_flops = peak_flops(self.settings, self.device, self.trainer.precision) \
+                    if self.settings is not None else measure_matmul_flops(self.device, self.trainer.precision)
+            self._first_step = True
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            x, y = batch[:, :-1], batch[:, 1:]                                # (B, T) inputs, (B, T) targets
+            loss = causal_lm_loss(self(x), y)
+            self.log("train_loss", loss, prog_bar=True)
+            self.last_train_loss = loss.detach()
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            return loss
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # kernels are async: time the work, not the launches
+            dt = time.perf_counter() - self._t0
+            tokens = batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
+            tps = tokens / max(dt, 1e-9)
+            mfu = tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)
+            self.log_dict({"tokens_per_sec": tps, "mfu": mfu})
+            # The first step of a fit pays for allocation (and compilation): kept apart from the average.
+            self.throughput.append((tokens, dt, self._first_step))
+            self._first_step = False
+
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            x, y = batch[:, :-1], batch[:, 1:]                                # (B, T)
+            self._val_losses.append(causal_lm_loss(self(x), y).detach())
+
+        def on_validation_epoch_start(self) -> None:
+            self._val_losses = []
+
+        def on_validation_epoch_end(self) -> None:
+            if not self._val_losses:
+                return
+            # Averaged over every rank's windows here; logged as floats, so Lightning does not reduce again.
+            mean = float(self.all_gather(torch.stack(self._val_losses).mean()).mean())
+            self.log_dict({"val_loss": mean, "val_perplexity": math.exp(mean)})
+            self.last_val = (self.trainer.global_step, mean)
+
+    return CausalLMModule
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CausalLMModule":  # `from components.training.pretrain import CausalLMModule` builds it lazily
+        return _module_class()
+    raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------- the stage
+def _is_launch_rank_zero() -> bool:
+    """False in the extra processes a DDP launcher starts (they re-run the command): no MLflow run there."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+@contextlib.contextmanager
+def _stage_run(settings: Settings, resume_id: str | None, params: dict) -> Iterator[Any]:
+    """A new `pretrain` stage run, or the interrupted one reopened (same id, metrics continue)."""
+    if resume_id:
+        tracking.configure(settings)
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        try:
+            mlflow.MlflowClient().get_run(resume_id)
+        except MlflowException:
+            resume_id = None  # another tracking store or a deleted run: start a new run, keep the lineage tag
+        if resume_id:
+            with mlflow.start_run(run_id=resume_id, nested=mlflow.active_run() is not None) as run:
+                yield run
+            return
+    with tracking.stage_run(settings, STAGE, params=params) as run:
+        yield run
+
+
+def _log_reports(run_id: str, model: Any, tokenizer: Any, data: TokenData) -> None:
+    """Loss curve (from the run's full metric history, so resumed runs plot whole) and sample generations."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from components.model.generation import generate
+
+    client = mlflow.MlflowClient()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("train_loss", "val_loss"):
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if hist:
+            marker = "o" if key == "val_loss" else None  # few val points: show each one
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=key, marker=marker)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("pretraining loss")
+    ax.legend()
+    mlflow.log_figure(fig, "plots/loss_curve.png")
+    plt.close(fig)
+
+    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in data.sample_prompts(n=4, n_tokens=24)]
+    completions = generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.0)
+    mlflow.log_table({"prompt": prompts, "completion": completions}, artifact_file="samples/generations.json")
+
+
+def run(settings: Settings, resume: bool = False) -> dict:
+    """Train (or resume) the pretraining stage; returns run_id, model_uri, final metrics and wall_s."""
+    t_start = time.perf_counter()
+    cfg = settings.pretrain
+    ckpt_dir = layout.checkpoints_dir(settings, STAGE)
+    zero = _is_launch_rank_zero()
+    ckpt, resume_id = None, None
+    if resume:
+        ckpt = last_checkpoint(settings, STAGE)
+        if ckpt is None:
+            raise ConfigError(f"pretrain --resume: no checkpoint under {ckpt_dir}; run without --resume")
+        id_file = ckpt_dir / RUN_ID_FILE
+        resume_id = id_file.read_text().strip() if id_file.is_file() else None
+    elif zero and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a later --resume must never pick up a previous run's checkpoints
+
+    torch.manual_seed(cfg.seed)  # a scratch init is part of the run: the same seed gives the same weights
+    model, tokenizer = load_causal_lm(settings, settings.model.init_from)
+    c = model.config
+    data = TokenData(settings, block_size=c.max_position_embeddings, batch_size=cfg.batch_size, seed=cfg.seed)
+    sizes = data.check(vocab_rows=model.get_input_embeddings().num_embeddings)
+    n_params = count_parameters(model)
+    fpt = flops_per_token(n_params, c.num_hidden_layers, c.hidden_size, c.max_position_embeddings)
+    shape = {"n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads, "n_embd": c.hidden_size,
+             "block_size": c.max_position_embeddings, "intermediate_size": c.intermediate_size,
+             "vocab_size": c.vocab_size}
+    params = {"pretrain": cfg.model_dump(mode="json"), "model": {**shape, "init_from": settings.model.init_from},
+              "n_params": n_params, "flops_per_token": fpt, "tokens": sizes}
+    module = _module_class()(model, cfg, data, fpt, settings=settings)
+
+    if not zero:  # extra DDP process: train only; rank zero owns the MLflow run and the artifacts
+        fit(build_trainer(settings, cfg, STAGE, run_id=None), module, ckpt_path=ckpt)
+        return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
+
+    with _stage_run(settings, resume_id, params) as active:
+        run_id = active.info.run_id
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / RUN_ID_FILE).write_text(run_id)
+        import mlflow
+        if resume:
+            mlflow.set_tag("resumed_from", ckpt.name)
+        trainer = build_trainer(settings, cfg, STAGE, run_id)
+        fit(trainer, module, ckpt_path=ckpt)
+        if module.last_val is None or module.last_val[0] != trainer.global_step:
+            trainer.validate(module, verbose=False)  # final val metrics always describe the final weights
+
+        steady = [x for x in module.throughput if not x[2]] or module.throughput or [(0, 1.0, True)]
+        tps = sum(x[0] for x in steady) / sum(x[1] for x in steady)     # all tokens over all step time
+        mfu = tps * fpt / (module.peak_flops * trainer.world_size) if module.peak_flops else 0.0
+        metrics = {"val_loss": module.last_val[1], "val_perplexity": math.exp(module.last_val[1]),
+                   "train_loss": float(module.last_train_loss), "tokens_per_sec": tps, "mfu": mfu,
+                   "steps": trainer.global_step, "n_params": n_params}
+        mlflow.log_metrics({"final_val_loss": metrics["val_loss"], "final_val_perplexity": metrics["val_perplexity"],
+                            "avg_tokens_per_sec": metrics["tokens_per_sec"], "avg_mfu": metrics["mfu"]},
+                           step=trainer.global_step)
+        model.eval()
+        _log_reports(run_id, model, tokenizer, data)
+        hf_dir = ckpt_dir / "hf"
+        model.save_pretrained(str(hf_dir))
+        tokenizer.save_pretrained(str(hf_dir))
+        init_from = settings.model.init_from
+        model_uri = tracking.log_hf_model(model, tokenizer, task="text-generation", name="model",
+                                          parent_uri=None if init_from == "scratch" else init_from)
+    return {"run_id": run_id, "model_uri": model_uri, "hf_dir": str(hf_dir), "metrics": metrics,
+            "wall_s": time.perf_counter() - t_start}

@@ -1,0 +1,69 @@
+"""The deploy flow: register the evaluated candidate, gate it against the champion, move the aliases.
+
+One `deploy` MLflow run holds the registration and the decision. A rejecting gate is a decision,
+not a failure: the flow completes and returns {"decision": "reject", "reason": ...}. Alias moves
+are not retried blindly (a half-applied gate is re-decided by the next run, see promotion.promote).
+"""
+from __future__ import annotations
+
+from prefect import flow, task
+
+from components import config as cfg
+from components import tracking
+from flows.evaluate import retry_transient
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def register_task(config: str, overrides: list[str], model_uri: str, metrics: dict[str, float],
+                  eval_run_id: str | None = None) -> str:
+    from components.evaluation import promotion
+
+    return promotion.register_candidate(cfg.load(config, overrides), model_uri, metrics=metrics,
+                                        eval_run_id=eval_run_id)
+
+
+@task(name="gate")
+def gate_task(config: str, overrides: list[str], version: str, metrics: dict[str, float]) -> dict:
+    from components.evaluation import promotion
+
+    result = promotion.promote(cfg.load(config, overrides), version, metrics)
+    return {k: result.get(k) for k in ("decision", "reason", "version", "champion", "previous", "challenger",
+                                       "reused")}
+
+
+@flow(name="deploy", log_prints=True)
+def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None, model_uri: str | None = None,
+                eval_metrics: dict[str, float] | None = None, eval_run_id: str | None = None) -> dict:
+    """Register + gate + aliases. Without model_uri/eval_metrics, the newest evaluate run supplies them.
+
+    Returns {decision, reason, version, champion, previous, challenger, reused, deploy_run_id}.
+    """
+    from components.errors import ConfigError
+    from components.evaluation import promotion
+
+    overrides = overrides or []
+    settings = cfg.load(config, overrides)
+    if model_uri is None or eval_metrics is None:
+        latest = promotion.latest_evaluation(settings)
+        if latest is None:
+            raise ConfigError("promote: no finished evaluate run in MLflow; run `llmcycle evaluate` first")
+        model_uri = model_uri or latest["model_uri"]
+        eval_metrics = eval_metrics if eval_metrics is not None else latest["metrics"]
+        eval_run_id = eval_run_id or latest["run_id"]
+    with tracking.stage_run(settings, "deploy", tags={"model_uri": model_uri, "eval_run_id": eval_run_id or "none"}
+                            ) as run:
+        version = register_task(config, overrides, model_uri, eval_metrics, eval_run_id)
+        result = gate_task(config, overrides, version, eval_metrics)
+    print(f"gate: {result['decision']} {settings.registry.model_name} v{result['version']}"
+          f"{' (recorded decision reused)' if result.get('reused') else ''}: {result['reason']}")
+    return {**result, "deploy_run_id": run.info.run_id}
+
+
+@flow(name="rollback", log_prints=True)
+def rollback_flow(config: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Move champion back to previous; {model, champion}. GateError when there is no previous."""
+    from components.evaluation import promotion
+
+    result = promotion.rollback(cfg.load(config, overrides or []))
+    print(f"rollback: {result['model']} champion is v{result['champion']} again")
+    return result

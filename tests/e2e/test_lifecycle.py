@@ -1,0 +1,61 @@
+"""The whole lifecycle for real in a temp git + DVC project: scope -> data -> pretrain -> sft -> dpo
+-> evaluate -> gate, with a SQLite MLflow store and the Prefect test server. Then a re-run with the
+same commit, data and params registers nothing new, and rollback moves the champion back."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from components import config as cfg
+from components import tracking
+from tests.flows.conftest import init_project
+
+pytestmark = pytest.mark.slow
+
+GITIGNORE = "data/\nmlflow/\ncheckpoints/\n.prefect/\ndvc-remote/\n"
+
+
+def _commit_all(root):
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=root, check=True)
+
+
+def test_lifecycle_end_to_end(tiny_root):
+    from flows.lifecycle import lifecycle
+
+    (tiny_root / ".gitignore").write_text(GITIGNORE)
+    init_project(tiny_root)
+    _commit_all(tiny_root)
+    config = str(tiny_root / "params.yaml")
+    overrides = ["pretrain.max_steps=4", "data.remote=dvc-remote"]
+    result = lifecycle(config, overrides)
+
+    settings = cfg.load(config, overrides)
+    runs = {r.info.run_name: r for r in tracking.child_runs(settings, result["lifecycle_run_id"])}
+    assert {"scoping", "data", "pretrain", "sft", "dpo", "evaluate", "deploy"} <= set(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+
+    # Registry: one version, champion (first candidate, criteria alone), lineage tags.
+    import mlflow
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name='llmcycle'")
+    assert len(versions) == 1
+    mv = versions[0]
+    assert result["deploy"]["decision"] == "promote"
+    assert client.get_model_version_by_alias("llmcycle", "champion").version == mv.version
+    for tag in ("git_commit", "data_hash", "params_hash", "parent_version", "gate_decision", "gate_reason"):
+        assert tag in mv.tags, tag
+    assert mv.tags["git_dirty"] == "false" and mv.tags["data_hash"] != "none"
+
+    # Evaluation run: model vs the n-gram baseline, with table and plots.
+    ev = runs["evaluate"]
+    for metric in ("test_perplexity", "baseline_kn3_perplexity", "syntax_valid_rate", "int8_perplexity"):
+        assert metric in ev.data.metrics, metric
+    arts = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
+    assert {"plots/attention.png", "plots/lifecycle_losses.png"} <= arts
+
+    # Re-run: unchanged commit, data and params -> no duplicate version, DVC reuses the data.
+    again = lifecycle(config, overrides)
+    assert again["deploy"]["reused"] is True
+    assert len(client.search_model_versions("name='llmcycle'")) == 1

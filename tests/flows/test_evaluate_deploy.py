@@ -1,0 +1,65 @@
+"""Evaluate and deploy flows for real under the Prefect harness: a tiny project, a logged model, a
+SQLite MLflow store; first candidate promoted, a regressed one rejected (a completed flow), rollback."""
+from __future__ import annotations
+
+import pytest
+
+from components import tracking
+from components.errors import ConfigError
+from components.evaluation import gate
+from tests.unit.evaluation.test_evaluate import logged_model_uri, make_project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; start each test on its own tmp store."""
+    import os
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(key, None)
+    yield
+
+
+def test_evaluate_then_deploy_promotes_then_rejects(tmp_path):
+    from flows.deploy import deploy_flow, rollback_flow
+    from flows.evaluate import evaluate_flow
+
+    settings = make_project(tmp_path, reward=False)
+    config, name = str(tmp_path / "params.yaml"), settings.registry.model_name
+    uri = logged_model_uri(settings)
+    with tracking.lifecycle_run(settings) as parent:
+        ev = evaluate_flow(config, [], model_uri=uri)
+        first = deploy_flow(config, [], ev["model_uri"], ev["metrics"], eval_run_id=ev["run_id"])
+        worse = dict(ev["metrics"], test_perplexity=ev["metrics"]["test_perplexity"] * 2)
+        second = deploy_flow(config, [], ev["model_uri"], worse)
+
+    assert ev["model_uri"] == uri and ev["metrics"]["test_perplexity"] > 1
+    assert first["decision"] == "promote" and first["champion"] == first["version"] == "1"
+    assert second["decision"] == "reject" and "test_perplexity regressed" in second["reason"]
+    assert second["champion"] == "1" and second["challenger"] == "2"
+    runs = tracking.child_runs(settings, parent.info.run_id)
+    assert sorted(r.info.run_name for r in runs) == ["deploy", "deploy", "evaluate"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    mv = tracking.get_alias_version(settings, name, gate.CHAMPION)
+    assert mv.tags["eval_run_id"] == ev["run_id"] and mv.tags["gate_decision"] == "promote"
+
+    # `llmcycle promote` path: no arguments, the newest evaluate run supplies URI and metrics; the
+    # same numbers as the champion are not an improvement, so the gate rejects, and the flow completes.
+    third = deploy_flow(config, [])
+    assert third["decision"] == "reject" and "not better" in third["reason"]
+    with pytest.raises(gate.GateError, match="previous"):
+        rollback_flow(config, [])  # the first promotion had no champion before it
+
+
+def test_evaluate_flow_fails_fast_on_bad_uri(tmp_path):
+    from flows.evaluate import evaluate_flow, is_transient
+
+    make_project(tmp_path, reward=False)
+    with pytest.raises(ConfigError, match="runs:/nope/model"):
+        evaluate_flow(str(tmp_path / "params.yaml"), [], model_uri="runs:/nope/model")
+    assert not is_transient(ConfigError("database is locked"))
+    from mlflow.exceptions import MlflowException
+    assert is_transient(MlflowException("(sqlite3.OperationalError) database is locked"))
+    assert not is_transient(MlflowException("RESOURCE_DOES_NOT_EXIST: run nope"))
