@@ -192,8 +192,10 @@ def register_model(settings: Settings, model_uri: str, name: str, stage: str,
     tags["parent_version"] = parent_version or "none"
     for key in ("git_commit", "git_dirty", "params_hash", "data_hash", "stage", "parent_version"):
         client.set_model_version_tag(name, mv.version, key, tags[key])
-    if description:
-        client.update_model_version(name, mv.version, description=description)
+    trained_on = (f"Trained on data.source={settings.data.source} (data_hash {tags['data_hash']} from dvc.lock), "
+                  f"params_hash {tags['params_hash']}, git {tags['git_commit'][:12]}"
+                  f"{' (dirty)' if tags['git_dirty'] == 'true' else ''}; stage {stage}.")
+    client.update_model_version(name, mv.version, description=f"{description}\n\n{trained_on}".strip())
     return mv
 
 

@@ -69,12 +69,19 @@ def load_settings(config: str, overrides: Optional[List[str]]):
 
 
 def write_report(settings, stage: str, stats: dict) -> None:
-    """data/reports/<stage>.json: the stage's statistics (DVC metrics; the data flow logs them)."""
+    """data/reports/<stage>.json: the stage's statistics (DVC metrics; the data flow logs them).
+
+    Timings and absolute paths go to data/reports/timings/<stage>.json instead: they differ on every
+    run and machine, and in a DVC metrics file they would change dvc.lock (and dirty the checkout).
+    """
+    volatile = {k: v for k, v in stats.items() if k.startswith("seconds") or k in ("paths", "path")}
+    stable = {k: v for k, v in stats.items() if k not in volatile}
     out = settings.path("data", "reports")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{stage}.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, out / f"{stage}.json")
+    for folder, data in ((out, stable), (out / "timings", volatile)):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{stage}.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, folder / f"{stage}.json")
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -42,7 +42,7 @@ def log_data_run(settings: Settings) -> dict:
 
     mlflow.set_tags(tracking.lineage_tags(settings, "data"))
     stats: dict = {}
-    for report in sorted(settings.path("data", "reports").glob("*.json")):
+    for report in sorted(settings.path("data", "reports").glob("*.json")):  # deterministic stats (DVC metrics)
         stats[report.stem] = json.loads(report.read_text())
         mlflow.log_artifact(str(report), "reports")
     metrics: dict[str, float] = {}
@@ -53,8 +53,11 @@ def log_data_run(settings: Settings) -> dict:
         folder = layout.validation_dir(settings, suite)
         if (folder / "result.json").exists():
             mlflow.log_artifact(str(folder / "result.json"), f"validation/{suite}")
-        if (folder / "docs").exists():
-            mlflow.log_artifacts(str(folder / "docs"), f"validation/{suite}/data_docs")
+        docs = layout.docs_dir(settings, suite) / "docs"
+        if docs.exists():
+            mlflow.log_artifacts(str(docs), f"validation/{suite}/data_docs")
+    for timing in sorted(settings.path("data", "reports", "timings").glob("*.json")):
+        mlflow.log_artifact(str(timing), "reports/timings")
     if (settings.root / "dvc.lock").exists():
         mlflow.log_artifact(str(settings.root / "dvc.lock"), "dvc")
     return stats

@@ -35,6 +35,15 @@ def validation_dir(s: Settings, suite: str) -> Path:
     return s.path("data", "validation", suite)
 
 
+def docs_dir(s: Settings, suite: str) -> Path:
+    """data/gx/<suite>/: the GX file context and its Data Docs (docs/index.html).
+
+    Kept out of the DVC outputs on purpose: GX stamps every run with a time, so the site never hashes
+    the same twice, while result.json (in validation_dir) is a deterministic function of the data.
+    """
+    return s.path("data", "gx", suite)
+
+
 def tokenizer_dir(s: Settings) -> Path:
     """data/processed/tokenizer/: PreTrainedTokenizerFast.save_pretrained (tokenizer.json inside)."""
     return s.path("data", "processed", "tokenizer")

@@ -27,18 +27,24 @@ MAX_OFFENDERS = 5
 
 def validate_corpus(settings: Settings, corpus_path: str | Path | None = None,
                     out_dir: str | Path | None = None) -> dict:
-    """Run the "corpus" suite on data/raw/corpus.jsonl. Returns the summary; raises DataError on failure."""
+    """Run the "corpus" suite on data/raw/corpus.jsonl. Returns the summary; raises DataError on failure.
+
+    result.json goes to out_dir (default data/validation/corpus, a DVC output); the GX context and
+    Data Docs go to out_dir itself when given, else to data/gx/corpus (see layout.docs_dir).
+    """
     path = Path(corpus_path) if corpus_path is not None else layout.corpus_path(settings)
     out = Path(out_dir) if out_dir is not None else layout.validation_dir(settings, "corpus")
+    work = Path(out_dir) if out_dir is not None else layout.docs_dir(settings, "corpus")
     if not path.is_file():
         raise DataError(f"corpus validation: {path} not found (run `llmcycle data ingest` first)")
     d = settings.data
     checks = corpus_checks(d.min_chars, d.max_chars, d.min_total_chars, d.max_duplicate_share,
                            d.max_non_printable_share)
-    suite = _run_suites(out, [("corpus", corpus_frame(path), checks)])[0]
-    summary = {**suite, "source": _rel(settings, path), "docs": _rel(settings, out / "docs" / "index.html")}
+    suite = _run_suites(work, [("corpus", corpus_frame(path), checks)])[0]
+    summary = {**suite, "source": _rel(settings, path), "docs": _rel(settings, work / "docs" / "index.html")}
+    out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / "result.json", summary)
-    _raise_on_failure("corpus", [suite], out)
+    _raise_on_failure("corpus", [suite], out, work)
     return summary
 
 
@@ -53,21 +59,26 @@ def validate_finetune(settings: Settings, sft_dir: str | Path | None = None,
     sft = Path(sft_dir) if sft_dir is not None else layout.sft_dir(settings)
     pref = Path(preference_dir) if preference_dir is not None else layout.preference_dir(settings)
     out = Path(out_dir) if out_dir is not None else layout.validation_dir(settings, "finetune")
+    work = Path(out_dir) if out_dir is not None else layout.docs_dir(settings, "finetune")
     block = resolve_model_shape(settings)["block_size"]
     in_tokens = max_tokens_fn is not None
     runs = [(kind, pairs_frame(where, kind, max_tokens_fn), pairs_checks(where, kind, block, in_tokens))
             for kind, where in (("sft", sft), ("preference", pref))]
-    suites = _run_suites(out, runs)
+    suites = _run_suites(work, runs)
+    if out_dir is None:
+        # The datasets stage validates temp dirs before renaming them: record where they land.
+        sft, pref = layout.sft_dir(settings), layout.preference_dir(settings)
     sources = {"sft": _rel(settings, sft), "preference": _rel(settings, pref)}
     summary = {
         "suite": "finetune",
         "success": all(s["success"] for s in suites),
         "statistics": _add_statistics([s["statistics"] for s in suites]),
         "suites": {s["suite"]: {**s, "source": sources[s["suite"]]} for s in suites},
-        "docs": _rel(settings, out / "docs" / "index.html"),
+        "docs": _rel(settings, work / "docs" / "index.html"),
     }
+    out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / "result.json", summary)
-    _raise_on_failure("finetune", suites, out)
+    _raise_on_failure("finetune", suites, out, work)
     return summary
 
 
@@ -217,7 +228,7 @@ def failure_line(entry: dict) -> str:
     return f"{head}: {count} row{'s' * (count != 1)}" + (f", e.g. {examples}" if examples else "")
 
 
-def _raise_on_failure(what: str, suites: list[dict], out: Path) -> None:
+def _raise_on_failure(what: str, suites: list[dict], out: Path, work: Path) -> None:
     failed = [(s["suite"], e) for s in suites for e in s["expectations"] if not e["success"]]
     if not failed:
         return
@@ -225,7 +236,7 @@ def _raise_on_failure(what: str, suites: list[dict], out: Path) -> None:
     prefix = (lambda name: f"{name}: ") if len(suites) > 1 else (lambda name: "")
     lines = [f"{what} validation failed ({len(failed)} of {total} expectations):"]
     lines += [f"  {prefix(name)}{failure_line(e)}" for name, e in failed]
-    lines.append(f"  details: {out / 'result.json'}, {out / 'docs' / 'index.html'}")
+    lines.append(f"  details: {out / 'result.json'}, {work / 'docs' / 'index.html'}")
     raise DataError("\n".join(lines))
 
 

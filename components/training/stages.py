@@ -67,6 +67,9 @@ def default_init_from(settings: Settings, stage: str) -> str:
     """The previous stage's HF folder; ConfigError (naming the stage to run) when it is missing."""
     prev = PREVIOUS[stage]
     path = hf_dir(settings, prev)
+    if stage == "sft" and not (path / "config.json").is_file() and settings.model.init_from != "scratch":
+        # Fine-tune an existing model (model.init_from) without pretraining one here.
+        return settings.model.init_from
     if not (path / "config.json").is_file():
         raise ConfigError(f"{stage}: no {prev} model at {path}; run `llmcycle train {prev}` first "
                           f"or pass init_from")

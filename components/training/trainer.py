@@ -127,6 +127,15 @@ def _callbacks(settings: Settings, cfg: TrainConfig, stage: str) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- the trainer
+def _progress_bar(interactive: bool) -> list[Any]:
+    """A rich progress bar on a terminal; none in CI logs or tests (they are not a TTY)."""
+    if not interactive:
+        return []
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    return [RichProgressBar(leave=True)]
+
+
 def build_trainer(settings: Settings, cfg: TrainConfig, stage: str, run_id: str | None,
                   callbacks: Iterable[Any] = (), **overrides: Any) -> Any:
     """A lightning.Trainer for one stage; metrics go to the already-open MLflow run `run_id`.
@@ -164,7 +173,7 @@ def build_trainer(settings: Settings, cfg: TrainConfig, stage: str, run_id: str 
         val_check_interval=cfg.val_every, check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[*_callbacks(settings, cfg, stage), *callbacks, checkpoint],
+        callbacks=[*_callbacks(settings, cfg, stage), *callbacks, checkpoint, *_progress_bar(interactive)],
         # ~100 points per curve; every step for short runs.
         log_every_n_steps=max(1, cfg.max_steps // 100),
         enable_progress_bar=interactive, enable_model_summary=interactive,

@@ -48,6 +48,10 @@ def test_data_flow_versions_validates_and_records(tiny_root):
     assert dvc.status_clean(settings)
     out = dvc.repro(settings)
     assert "didn't change" in out or "Skipping" in out or "up to date" in out
+    # `llmcycle data push` sends the versioned data to the local remote.
+    remote = dvc.push(settings)
+    assert remote == dvc.remote_path(settings)
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) >= len(lock_hashes)
 
 
 def test_data_flow_stops_on_failed_validation(tiny_root):

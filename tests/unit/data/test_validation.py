@@ -63,7 +63,9 @@ def test_clean_corpus_passes_and_writes_result_and_docs(settings, tmp_path):
     assert saved["statistics"]["unsuccessful_expectations"] == 0
     assert {e["type"] for e in saved["expectations"]} >= {
         "expect_column_values_to_be_unique", "expect_column_sum_to_be_between", "expect_column_values_to_be_in_set"}
-    assert (out / "docs" / "index.html").stat().st_size > 0
+    # Data Docs live outside the DVC output (GX timestamps them): data/gx/corpus/docs.
+    assert (layout.docs_dir(settings, "corpus") / "docs" / "index.html").stat().st_size > 0
+    assert saved["docs"] == "data/gx/corpus/docs/index.html"
 
 
 def test_corrupt_corpus_names_each_failed_expectation(settings, tmp_path):
