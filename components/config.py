@@ -132,7 +132,7 @@ class LoraConfig(Section):
 
 
 class SftConfig(TrainConfig):
-    max_steps: int = 150
+    max_steps: int = 400
     lr: float = 5e-4
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

@@ -243,47 +243,27 @@ def data_push(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> No
 
 
 # ----------------------------------------------------------------------------- training
-STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+STAGE_HELP = {
+    "pretrain": "Pretrain from scratch (or model.init_from) on the token arrays.",
+    "sft": "Supervised fine-tuning on (prompt, response) pairs (LoRA with sft.lora.enabled).",
+    "reward": "Reward model on preference pairs (registered as llmcycle-reward).",
+    "dpo": "Direct preference optimization against the frozen SFT reference.",
+    "ppo": "PPO against the reward model with a KL leash to the SFT model.",
+}
 
 
-@train_app.command("pretrain")
-@handles_errors
-def train_pretrain(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                   resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
-    """Pretrain from scratch (or model.init_from) on the token arrays."""
-    _train("pretrain", config, set_, resume)
+def _train_command(stage: str) -> Callable:
+    @handles_errors
+    def command(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
+        _train(stage, config, set_, resume)
+
+    command.__doc__ = STAGE_HELP[stage]
+    return command
 
 
-@train_app.command("sft")
-@handles_errors
-def train_sft(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-              resume: bool = typer.Option(False, "--resume")) -> None:
-    """Supervised fine-tuning on (prompt, response) pairs."""
-    _train("sft", config, set_, resume)
-
-
-@train_app.command("reward")
-@handles_errors
-def train_reward(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                 resume: bool = typer.Option(False, "--resume")) -> None:
-    """Reward model on preference pairs (registered as llmcycle-reward)."""
-    _train("reward", config, set_, resume)
-
-
-@train_app.command("dpo")
-@handles_errors
-def train_dpo(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-              resume: bool = typer.Option(False, "--resume")) -> None:
-    """Direct preference optimization against the frozen SFT reference."""
-    _train("dpo", config, set_, resume)
-
-
-@train_app.command("ppo")
-@handles_errors
-def train_ppo(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-              resume: bool = typer.Option(False, "--resume")) -> None:
-    """PPO against the reward model with a KL leash to the SFT model."""
-    _train("ppo", config, set_, resume)
+for _stage in STAGE_HELP:
+    train_app.command(_stage)(_train_command(_stage))
 
 
 def _train(stage: str, config: str, overrides: Optional[List[str]], resume: bool) -> None:

@@ -35,9 +35,12 @@ def _parse(code: str) -> ast.Module | None:
         if candidate is None or not candidate.strip():
             continue
         try:
-            return ast.parse(candidate)
+            tree = ast.parse(candidate)
         except (SyntaxError, ValueError):  # ValueError: null bytes in the source
             continue
+        # Only comments/blank lines parse to an empty module: that is not code (a pretrained model
+        # answering "#\n#\n..." must not score as syntax-valid).
+        return tree if tree.body else None
     return None
 
 

@@ -19,9 +19,9 @@ from components.model.generation import sequence_logprobs
 from components.training import finetune_data as fd
 from components.training.losses import dpo_loss
 from components.training.reporting import finish_stage
-from components.training.stages import (default_init_from, final_metrics, hf_dir, is_launch_rank_zero,
-                                        open_stage_run, parent_model_uri, prepare_checkpoints)
-from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit
+from components.training.stages import (default_init_from, fit_extra_rank, fit_stage, hf_dir, is_launch_rank_zero,
+                                        parent_model_uri, prepare_checkpoints, train_val_loaders)
+from components.training.trainer import configure_adamw, cosine_with_warmup
 
 STAGE = "dpo"
 N_SAMPLES = 8
@@ -124,27 +124,19 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
     model, tokenizer = load_causal_lm(settings, init_from)
     ref, _ = load_causal_lm(settings, init_from, tokenizer=tokenizer)
     max_len = model.config.max_position_embeddings
-    collate = fd.PreferenceCollator(tokenizer.pad_token_id)
-    train = fd.loader(fd.PreferenceDataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed)
-    val = fd.loader(fd.PreferenceDataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False)
+    train, val = train_val_loaders(cfg, fd.PreferenceDataset, fd.PreferenceCollator(tokenizer.pad_token_id),
+                                   train_rows, val_rows, tokenizer, max_len)
     model.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as found
     module = _module_class()(model, ref, cfg)
     params = {"dpo": cfg.model_dump(mode="json"), "init_from": init_from, "n_params": count_parameters(model),
               "train_pairs": len(train_rows), "val_pairs": len(val_rows), "max_len": max_len}
 
-    if not is_launch_rank_zero():
-        fit(build_trainer(settings, cfg, STAGE, run_id=None), module, ckpt_path=ckpt,
-            train_dataloaders=train, val_dataloaders=val)
-        return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
+    if not is_launch_rank_zero():  # extra DDP process: train only; rank zero owns the run and artifacts
+        return fit_extra_rank(settings, cfg, STAGE, module, ckpt, train, val, t_start)
 
     import mlflow
 
-    with open_stage_run(settings, STAGE, resume_id, params) as run_id:
-        trainer = build_trainer(settings, cfg, STAGE, run_id)
-        fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train, val_dataloaders=val)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, dataloaders=val, verbose=False)
-        metrics = final_metrics(trainer)
+    with fit_stage(settings, cfg, STAGE, module, ckpt, train, val, resume_id, params) as (run_id, trainer, metrics):
         mlflow.log_metrics({"final_val_accuracy": metrics["val_accuracy"], "final_val_margin": metrics["val_margin"]},
                            step=trainer.global_step)
         samples = [{"prompt": r["prompt"], "name": r.get("name", ""), "response": r["chosen"]}

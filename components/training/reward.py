@@ -19,9 +19,9 @@ from components.model.build import count_parameters
 from components.training import finetune_data as fd
 from components.training.losses import reward_pairwise_loss
 from components.training.reporting import finish_stage
-from components.training.stages import (default_init_from, final_metrics, hf_dir, is_launch_rank_zero,
-                                        local_model_dir, open_stage_run, parent_model_uri, prepare_checkpoints)
-from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit
+from components.training.stages import (default_init_from, fit_extra_rank, fit_stage, hf_dir, is_launch_rank_zero,
+                                        local_model_dir, parent_model_uri, prepare_checkpoints, train_val_loaders)
+from components.training.trainer import configure_adamw, cosine_with_warmup
 
 STAGE = "reward"
 N_SAMPLES = 8
@@ -134,27 +134,19 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
 
     model, tokenizer = load_reward_model(settings, init_from)
     max_len = model.config.max_position_embeddings
-    collate = fd.PreferenceCollator(tokenizer.pad_token_id)
-    train = fd.loader(fd.PreferenceDataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed)
-    val = fd.loader(fd.PreferenceDataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False)
+    train, val = train_val_loaders(cfg, fd.PreferenceDataset, fd.PreferenceCollator(tokenizer.pad_token_id),
+                                   train_rows, val_rows, tokenizer, max_len)
     model.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as found
     module = _module_class()(model, cfg)
     params = {"reward": cfg.model_dump(mode="json"), "init_from": init_from, "n_params": count_parameters(model),
               "train_pairs": len(train_rows), "val_pairs": len(val_rows), "max_len": max_len}
 
-    if not is_launch_rank_zero():
-        fit(build_trainer(settings, cfg, STAGE, run_id=None), module, ckpt_path=ckpt,
-            train_dataloaders=train, val_dataloaders=val)
-        return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
+    if not is_launch_rank_zero():  # extra DDP process: train only; rank zero owns the run and artifacts
+        return fit_extra_rank(settings, cfg, STAGE, module, ckpt, train, val, t_start)
 
     import mlflow
 
-    with open_stage_run(settings, STAGE, resume_id, params) as run_id:
-        trainer = build_trainer(settings, cfg, STAGE, run_id)
-        fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train, val_dataloaders=val)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, dataloaders=val, verbose=False)
-        metrics = final_metrics(trainer)
+    with fit_stage(settings, cfg, STAGE, module, ckpt, train, val, resume_id, params) as (run_id, trainer, metrics):
         mlflow.log_metrics({"final_val_accuracy": metrics["val_accuracy"], "final_val_loss": metrics["val_loss"]},
                            step=trainer.global_step)
         log_pair_scores(model, tokenizer, val_rows[:N_SAMPLES], max_len)

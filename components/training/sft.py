@@ -19,9 +19,9 @@ from components.model.build import count_parameters, load_causal_lm
 from components.training import finetune_data as fd
 from components.training.losses import masked_token_logprobs, sft_loss
 from components.training.reporting import finish_stage
-from components.training.stages import (default_init_from, final_metrics, hf_dir, is_launch_rank_zero,
-                                        open_stage_run, parent_model_uri, prepare_checkpoints)
-from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit
+from components.training.stages import (default_init_from, fit_extra_rank, fit_stage, hf_dir, is_launch_rank_zero,
+                                        parent_model_uri, prepare_checkpoints, train_val_loaders)
+from components.training.trainer import configure_adamw, cosine_with_warmup
 
 STAGE = "sft"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -105,9 +105,8 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
 
     model, tokenizer = load_causal_lm(settings, init_from)
     max_len = model.config.max_position_embeddings
-    collate = fd.SftCollator(tokenizer.pad_token_id)
-    train = fd.loader(fd.SftDataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed)
-    val = fd.loader(fd.SftDataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False)
+    train, val = train_val_loaders(cfg, fd.SftDataset, fd.SftCollator(tokenizer.pad_token_id),
+                                   train_rows, val_rows, tokenizer, max_len)
     n_params = count_parameters(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
@@ -120,18 +119,12 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
               "train_pairs": len(train_rows), "val_pairs": len(val_rows), "max_len": max_len}
 
     if not is_launch_rank_zero():  # extra DDP process: train only; rank zero owns the run and artifacts
-        fit(build_trainer(settings, cfg, STAGE, run_id=None), module, ckpt_path=ckpt,
-            train_dataloaders=train, val_dataloaders=val)
-        return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
+        return fit_extra_rank(settings, cfg, STAGE, module, ckpt, train, val, t_start)
 
     import mlflow
 
-    with open_stage_run(settings, STAGE, resume_id, params) as run_id:
-        trainer = build_trainer(settings, cfg, STAGE, run_id)
-        fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train, val_dataloaders=val)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, dataloaders=val, verbose=False)  # final metrics describe final weights
-        metrics = final_metrics(trainer, {"n_params": n_params})
+    with fit_stage(settings, cfg, STAGE, module, ckpt, train, val, resume_id, params,
+                   extra={"n_params": n_params}) as (run_id, trainer, metrics):
         mlflow.log_metrics({"final_val_loss": metrics["val_loss"],
                             "final_val_response_ppl": math.exp(metrics["val_loss"])}, step=trainer.global_step)
         # Fold the adapter into the base weights: the next stage and serving see a plain LlamaForCausalLM.

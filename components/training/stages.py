@@ -2,8 +2,10 @@
 
 run_stage(settings, stage) runs one stage by name; finetune(settings) runs sft -> dpo, or
 sft -> reward -> ppo, handing each stage's HF folder (checkpoints/<stage>/hf) to the next. The rest
-is what sft/reward/dpo/ppo would otherwise copy: default inputs, checkpoint/resume bookkeeping and
-the MLflow run that a --resume reopens. Stage modules are imported on use (they pull in lightning).
+is what sft/reward/dpo/ppo would otherwise copy: default inputs, checkpoint/resume bookkeeping,
+the MLflow run that a --resume reopens, the train/val loaders and the fit-validate-collect tail of
+run() (fit_stage on rank zero, fit_extra_rank elsewhere). Stage modules are imported on use (they
+pull in lightning), and so are lightning and torch here: the CLI imports this module.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import contextlib
 import importlib
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from components import tracking
-from components.config import Settings
+from components.config import Settings, TrainConfig
 from components.data import layout
 from components.errors import ConfigError
 
@@ -165,3 +168,44 @@ def final_metrics(trainer: Any, extra: dict[str, float] | None = None) -> dict[s
     out["steps"] = trainer.global_step
     out.update(extra or {})
     return out
+
+
+# ----------------------------------------------------------------------------- the shared fit
+def train_val_loaders(cfg: TrainConfig, dataset: type, collate: Any, train_rows: list[dict], val_rows: list[dict],
+                      tokenizer: Any, max_len: int) -> tuple[Any, Any]:
+    """(shuffled train, ordered val) DataLoaders of one dataset class, batch size and seed from cfg."""
+    from components.training import finetune_data as fd
+
+    train = fd.loader(dataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed)
+    val = fd.loader(dataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False)
+    return train, val
+
+
+def fit_extra_rank(settings: Settings, cfg: TrainConfig, stage: str, module: Any, ckpt: Path | None,
+                   train: Any, val: Any, t_start: float) -> dict:
+    """Train in an extra DDP process and return the stage's empty result: rank zero owns run and artifacts."""
+    from components.training.trainer import build_trainer, fit
+
+    fit(build_trainer(settings, cfg, stage, run_id=None), module, ckpt_path=ckpt,
+        train_dataloaders=train, val_dataloaders=val)
+    return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
+
+
+@contextlib.contextmanager
+def fit_stage(settings: Settings, cfg: TrainConfig, stage: str, module: Any, ckpt: Path | None, train: Any, val: Any,
+              resume_id: str | None, params: dict, extra: dict[str, float] | None = None
+              ) -> Iterator[tuple[str, Any, dict[str, float]]]:
+    """Rank zero's fit inside the stage's MLflow run; yields (run_id, trainer, final metrics) with the run open.
+
+    The with-block is where the stage logs its own final metrics, samples and model. module must set
+    last_val_step at each validation epoch end: when training stopped between validations, one more
+    runs so the final metrics describe the final weights. extra is merged into the metrics.
+    """
+    from components.training.trainer import build_trainer, fit
+
+    with open_stage_run(settings, stage, resume_id, params) as run_id:
+        trainer = build_trainer(settings, cfg, stage, run_id)
+        fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train, val_dataloaders=val)
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, dataloaders=val, verbose=False)
+        yield run_id, trainer, final_metrics(trainer, extra)

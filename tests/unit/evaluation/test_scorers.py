@@ -91,3 +91,11 @@ def test_mlflow_genai_evaluate_offline(tiny_settings):
     assert table["defines_name/value"].tolist() == [True, False, False]
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["syntax_valid/mean"] == pytest.approx(2 / 3)
+
+
+def test_comments_only_is_not_code():
+    from components.evaluation.scorers import parses
+
+    assert not parses("#\n#\n#\n")
+    assert not parses("# just a comment\n\n")
+    assert parses("x = 1\n# trailing comment\n")

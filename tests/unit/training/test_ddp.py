@@ -1,7 +1,7 @@
 """A real 2-process DDP pretrain on CPU (gloo), through the CLI in a tiny temp project.
 
 Lightning starts the second rank by re-running the command line, so the run has to be a subprocess.
-Checks: exit 0, one FINISHED `pretrain` run with 4 steps and a logged model in the project's own SQLite
+Checks: exit 0, one FINISHED `pretrain` run with every step and a logged model in the project's own SQLite
 store, and evidence that two ranks trained (Lightning's distributed init lines, one result table per rank).
 """
 from __future__ import annotations
@@ -27,7 +27,13 @@ INHERITED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", tracking.PARENT_ENV, 
 
 
 @pytest.mark.slow
-def test_ddp_pretrain_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("max_steps", [
+    4,
+    # val_every=2: step 3 ends between validations, so rank zero runs the final trainer.validate() alone
+    # after rank 1 has returned, and its broadcast meets a closed peer (gloo "Connection closed by peer").
+    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason="final validate runs on rank zero only")),
+])
+def test_ddp_pretrain_on_two_cpu_processes(tmp_path, max_steps):
     config = write_params(tmp_path)
     settings = cfg.load(config)
     write_tiny_data(settings)
@@ -36,8 +42,8 @@ def test_ddp_pretrain_on_two_cpu_processes(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "flows.cli", "train", "pretrain", "--config", str(config),
            "--set", "pretrain.strategy=ddp", "--set", "pretrain.devices=2", "--set", "pretrain.accelerator=cpu",
-           "--set", "pretrain.max_steps=4"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+           "--set", f"pretrain.max_steps={max_steps}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
 
@@ -54,10 +60,10 @@ def test_ddp_pretrain_on_two_cpu_processes(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
     client = mlflow.MlflowClient()
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
-    assert steps == [0, 1, 2, 3]
+    assert steps == list(range(max_steps))
     assert run.data.params["pretrain.strategy"] == "ddp" and run.data.params["pretrain.devices"] == "2"
     model_files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(f"runs:/{run.info.run_id}/model")}
     assert "MLmodel" in model_files, model_files
 
     last = layout.checkpoints_dir(settings, "pretrain") / "last.ckpt"
-    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == 4
+    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == max_steps
