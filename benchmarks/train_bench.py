@@ -75,8 +75,17 @@ def matmul_peak(seconds: float = 1.0) -> float:
     return measure_matmul_flops(torch.device("cpu"), "32-true", seconds=seconds)
 
 
+# ----------------------------------------------------------------------------- timing
+def steady_tps(starts: list[float], ends: list[float], warmup: int, tokens_per_step: int, n: int | None = None) -> float:
+    """Tokens/s from the start of step `warmup` to the end of step n-1: every cost between steps counts."""
+    n = len(ends) if n is None else n
+    if n <= warmup:
+        raise RuntimeError(f"only {n} steps measured, {warmup} warm-up steps: nothing steady to time")
+    return (n - warmup) * tokens_per_step / (ends[n - 1] - starts[warmup])
+
+
 # ----------------------------------------------------------------------------- (a) the plain eager loop
-def eager_loop(settings: cfg.Settings, data: TokenData, vocab: int, steps: int, warmup: int) -> dict:
+def eager_run(settings: cfg.Settings, data: TokenData, vocab: int, steps: int) -> dict:
     """forward, loss, backward, clip, step, schedule, zero_grad: what the Lightning step does, nothing else."""
     c = settings.pretrain
     model = fresh_model(settings, vocab, c.seed)
@@ -84,10 +93,9 @@ def eager_loop(settings: cfg.Settings, data: TokenData, vocab: int, steps: int, 
     sched = cosine_with_warmup(opt, c.warmup_steps, c.max_steps, c.min_lr_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(data.train_loader(start_step=0))  # the same DataLoader the LightningModule uses
-    losses, t0 = [], time.perf_counter()
-    for step in range(warmup + steps):
-        if step == warmup:
-            t0 = time.perf_counter()
+    starts, ends, losses = [], [], []
+    for _ in range(steps):
+        starts.append(time.perf_counter())
         batch = next(batches)
         x, y = batch[:, :-1], batch[:, 1:]                                  # (B, T) inputs, (B, T) targets
         loss = causal_lm_loss(model(input_ids=x).logits, y)
@@ -98,22 +106,29 @@ def eager_loop(settings: cfg.Settings, data: TokenData, vocab: int, steps: int, 
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    dt = time.perf_counter() - t0
-    tokens = steps * batch.shape[0] * (batch.shape[1] - 1)
-    return {"tps": tokens / dt, "losses": losses, "steps": warmup + steps}
+        ends.append(time.perf_counter())
+    return {"starts": starts, "ends": ends, "losses": losses}
 
 
 # ----------------------------------------------------------------------------- (b, c) the Lightning step
-def lightning_run(settings: cfg.Settings, data: TokenData, vocab: int, fpt: float, peak: float, compile_: bool,
-                  budget_s: float, warmup: int, use_mlflow: bool) -> dict:
-    """The project's CausalLMModule under build_trainer, stopped once budget_s of wall time (from fit) is spent."""
+def lightning_module(settings: cfg.Settings, data: TokenData, vocab: int, fpt: float, peak: float,
+                     compile_: bool) -> object:
+    """The project's CausalLMModule on the seeded model; compile_ is the pretrain.compile=true path."""
+    from components.training.pretrain import CausalLMModule
+
+    c = settings.pretrain.model_copy(update={"compile": compile_})
+    return CausalLMModule(fresh_model(settings, vocab, c.seed), c, data, fpt, peak_flops=peak, settings=settings)
+
+
+def lightning_fit(settings: cfg.Settings, module: object, stage: str, use_mlflow: bool,
+                  steps: int | None = None, budget_s: float | None = None) -> dict:
+    """One trainer.fit through build_trainer, stopped after `steps` steps or once budget_s (from fit) is spent."""
     from lightning.pytorch.callbacks import Callback
 
-    from components.training.pretrain import CausalLMModule
     from components.training.trainer import build_trainer, fit
 
     class StepClock(Callback):
-        """Per-step start/end times and losses; asks the trainer to stop when the budget is spent."""
+        """Per-step start/end times and losses; asks the trainer to stop at the step or time limit."""
 
         def __init__(self) -> None:
             self.t0, self.starts, self.ends, self.losses = 0.0, [], [], []
@@ -124,104 +139,103 @@ def lightning_run(settings: cfg.Settings, data: TokenData, vocab: int, fpt: floa
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.ends.append(time.perf_counter())
             self.losses.append(float(outputs["loss"]))
-            if self.ends[-1] - self.t0 >= budget_s:
-                trainer.should_stop = True
+            if (steps and len(self.ends) >= steps) or (budget_s and self.ends[-1] - self.t0 >= budget_s):
+                trainer.should_stop = True  # max_steps stays the schedule's length: same lr at every step
 
-    c = settings.pretrain.model_copy(update={"compile": compile_})
-    stage = "bench_compiled" if compile_ else "bench_eager"
-    module = CausalLMModule(fresh_model(settings, vocab, c.seed), c, data, fpt, peak_flops=peak, settings=settings)
     clock = StepClock()
-    # Validation is off: it is the same for every variant, and under compile it would add a second (eval) graph.
+    # Validation off: it is the same work for every variant, and under compile it would add an eval graph.
     overrides = dict(limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
     if not use_mlflow:
         overrides["logger"] = False
     with (tracking.stage_run(settings, stage) if use_mlflow else contextlib.nullcontext()) as run:
-        trainer = build_trainer(settings, c, stage, run.info.run_id if run else None, callbacks=[clock], **overrides)
+        trainer = build_trainer(settings, module.cfg, stage, run.info.run_id if run else None, callbacks=[clock],
+                                **overrides)
         clock.t0 = time.perf_counter()  # the budget clock starts at fit(): setup and compilation count
         fit(trainer, module)
+    return {"t0": clock.t0, "starts": clock.starts, "ends": clock.ends, "losses": clock.losses}
 
-    tokens_per_step = c.batch_size * data.block_size
-    in_budget = sum(1 for e in clock.ends if e - clock.t0 <= budget_s)
-    if in_budget <= warmup:
-        raise RuntimeError(f"{stage}: only {in_budget} steps within {budget_s} s; raise --budget-s")
-    steady_s = clock.ends[in_budget - 1] - clock.starts[warmup]
-    tps = (in_budget - warmup) * tokens_per_step / steady_s
-    step_s = steady_s / (in_budget - warmup)
-    return {"tps": tps, "losses": clock.losses, "steps": len(clock.ends), "budget_steps": in_budget,
-            "budget_tokens": in_budget * tokens_per_step, "first_step_s": clock.ends[0] - clock.t0,
-            # Everything before steady state beyond what steady steps would have cost: setup (+ compilation).
-            "overhead_s": (clock.starts[warmup] - clock.t0) - warmup * step_s}
+
+def budget_figures(r: dict, budget_s: float, warmup: int, tokens_per_step: int) -> dict:
+    """Steps and tokens finished within the budget, and the overhead before steady state (setup + compile)."""
+    n = sum(1 for e in r["ends"] if e - r["t0"] <= budget_s)
+    tps = steady_tps(r["starts"], r["ends"], warmup, tokens_per_step, n)
+    # Time to reach step `warmup` beyond what that many steady steps cost: Lightning setup (+ compilation).
+    overhead = (r["starts"][warmup] - r["t0"]) - warmup * tokens_per_step / tps
+    return {"steps": n, "tokens": n * tokens_per_step, "tps": tps, "overhead_s": overhead,
+            "first_step_s": r["ends"][0] - r["t0"]}
 
 
 # ----------------------------------------------------------------------------- report
-def report(args, data_desc, n_params, fpt, peak, peaks, eager, light, comp) -> dict:
-    e_mean = statistics.fmean(r["tps"] for r in eager)
-    rows = [(f"eager PyTorch loop (run {i + 1} of {len(eager)})", r, None) for i, r in enumerate(eager)]
-    rows += [("eager PyTorch loop (mean) = baseline", {"tps": e_mean}, None),
-             ("Lightning pretrain step", light, light), ("Lightning + torch.compile", comp, comp)]
-    print(f"\nmodel: preset {args.preset}, {n_params / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token; "
-          f"batch {args.batch} x {args.block} tokens; data: {data_desc}; threads {torch.get_num_threads()}")
-    print(f"matmul peak (fp32, best of {len(peaks)}): {peak / 1e9:.0f} GFLOP/s "
-          f"(each: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
-    print(f"\n| variant | tokens/s | vs eager | MFU | setup+compile s | tokens in {args.budget_s:.0f} s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r, b in rows:
-        if r is None:
-            print(f"| {name} | {'skipped' if args.no_compile else 'failed'} | | | | |")
-            continue
-        extra = (f"{b['overhead_s']:.1f} | {b['budget_tokens']:,} ({b['budget_steps']} steps)" if b else " | ")
-        print(f"| {name} | {r['tps']:,.0f} | {r['tps'] / e_mean:.2f}x | {100 * fpt * r['tps'] / peak:.1f}% | {extra} |")
-    spread = (max(r["tps"] for r in eager) - min(r["tps"] for r in eager)) / e_mean
-    print(f"\nnoise: the eager runs differ by {100 * spread:.1f}% of their mean")
-    out = {"eager_tps": [r["tps"] for r in eager], "eager_mean_tps": e_mean, "peak_flops": peak,
-           "flops_per_token": fpt, "n_params": n_params, "data": data_desc, "budget_s": args.budget_s}
-    if light:
-        # Same seed, same batches, same optimizer: the losses must agree, or the comparison is not like for like.
-        k = min(len(light["losses"]), len(eager[0]["losses"]), 5)
-        diff = max(abs(a - b) for a, b in zip(light["losses"][:k], eager[0]["losses"][:k]))
-        print(f"same math: max |loss(Lightning) - loss(eager)| over the first {k} steps = {diff:.2e}")
-        out.update(lightning_tps=light["tps"], lightning_budget_tokens=light["budget_tokens"],
-                   lightning_overhead_s=light["overhead_s"], loss_diff=diff)
-    if comp:
-        out.update(compiled_tps=comp["tps"], compiled_budget_tokens=comp["budget_tokens"],
-                   compiled_overhead_s=comp["overhead_s"], compiled_first_step_s=comp["first_step_s"])
-    if light and comp:
-        print(f"compile time ~ {comp['overhead_s'] - light['overhead_s']:.1f} s (overhead difference; first compiled "
-              f"step took {comp['first_step_s']:.1f} s); budget tokens compiled/eager = "
-              f"{comp['budget_tokens'] / light['budget_tokens']:.2f}x")
-        if comp["tps"] > light["tps"]:
-            # tokens(B) = (B - overhead) * tps for each; they cross where both have trained as much.
-            cross = (comp["overhead_s"] * comp["tps"] - light["overhead_s"] * light["tps"]) / (comp["tps"] - light["tps"])
-            print(f"break-even budget (compiled trains more tokens after): ~{cross:.0f} s")
+def median_row(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def report(args, info: dict, peak: float, rounds: dict, budget: dict) -> dict:
+    """Print the two tables (steady state from interleaved rounds; end to end in a wall budget) + goal check."""
+    fpt = info["fpt"]
+    names = {"eager": "eager PyTorch loop (baseline)", "lightning": "Lightning pretrain step",
+             "compiled": "Lightning + torch.compile"}
+    print(f"\nmodel: preset {args.preset}, {info['n_params'] / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token; "
+          f"batch {args.batch} x {info['block']} tokens; data: {info['data']}; torch threads {torch.get_num_threads()}")
+    print(f"matmul peak (fp32, best of {len(info['peaks'])}): {peak / 1e9:.0f} GFLOP/s "
+          f"(each: {', '.join(f'{p / 1e9:.0f}' for p in info['peaks'])})")
+    print(f"\nsteady state: {args.rounds} interleaved rounds of {args.warmup} + {args.steps} steps "
+          "(median, min-max; ratios paired within a round)")
+    print("| variant | tokens/s | vs eager | MFU |\n|---|---:|---:|---:|")
+    out: dict = {"peak_flops": peak, **{k: v for k, v in info.items() if k != "peaks"}, "peaks": info["peaks"]}
+    for key, tps in rounds.items():
+        ratios = [t / e for t, e in zip(tps, rounds["eager"])]
+        mfu = fpt * statistics.median(tps) / peak
+        print(f"| {names[key]} | {median_row(tps)} | {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {100 * mfu:.1f}% |")
+        out[key] = {"tps": tps, "ratio_median": statistics.median(ratios), "mfu": mfu}
+    if budget:
+        print(f"\nend to end: tokens trained within {args.budget_s:.0f} s of wall time from trainer.fit()")
+        print("| variant | setup + compile s | first step s | steps | tokens | tokens/s after warm-up |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for key, b in budget.items():
+            print(f"| {names[key]} | {b['overhead_s']:.1f} | {b['first_step_s']:.1f} | {b['steps']} | "
+                  f"{b['tokens']:,} | {b['tps']:,.0f} |")
+            out[key]["budget"] = b
+    if "compiled" in budget and "lightning" in budget:
+        c, e = budget["compiled"], budget["lightning"]
+        print(f"compiled / eager tokens within the budget: {c['tokens'] / e['tokens']:.2f}x")
+        if c["tps"] > e["tps"]:
+            # tokens(B) ~ (B - overhead) * tps for each; they cross where both have trained as much.
+            cross = (c["overhead_s"] * c["tps"] - e["overhead_s"] * e["tps"]) / (c["tps"] - e["tps"])
+            print(f"break-even wall budget (compile pays for itself after): ~{cross:.0f} s")
             out["break_even_s"] = cross
-    best = comp["tps"] if comp else (light["tps"] if light else e_mean)
-    ratio = best / e_mean
-    mfu = fpt * max(r["tps"] for r in (light, comp, {"tps": e_mean}) if r) / peak
-    print(f"goals: best Lightning variant / eager = {ratio:.2f}x (goal >= {GOAL_RATIO}: "
-          f"{'met' if ratio >= GOAL_RATIO else 'NOT met'}); best MFU = {100 * mfu:.1f}% "
+    ratio = out["compiled" if "compiled" in rounds else "lightning"]["ratio_median"]
+    mfu = max(v["mfu"] for k, v in out.items() if k in rounds)
+    print(f"\ngoals: Lightning{' + compile' if 'compiled' in rounds else ''} / eager = {ratio:.2f}x "
+          f"(goal >= {GOAL_RATIO}: {'met' if ratio >= GOAL_RATIO else 'NOT met'}); best MFU = {100 * mfu:.1f}% "
           f"(goal >= {100 * GOAL_MFU:.0f}%: {'met' if mfu >= GOAL_MFU else 'NOT met'})")
     return out
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(cfg.PRESETS))
     p.add_argument("--batch", type=int, default=16, help="sequences per step (pretrain.batch_size default)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps of each eager-loop run")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of every steady-state figure")
-    p.add_argument("--budget-s", type=float, default=120.0, help="wall budget of each Lightning run, from fit()")
-    p.add_argument("--max-steps", type=int, default=1000, help="lr schedule length (runs stop at the budget first)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (variant order rotates each round)")
+    p.add_argument("--budget-s", type=float, default=120.0, help="wall budget of the end-to-end runs; 0 skips them")
+    p.add_argument("--max-steps", type=int, default=1000, help="lr schedule length (runs are stopped before it)")
     p.add_argument("--data", default="auto", help="auto (real tokens if data/processed/tokens exists) | random | DIR")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     p.add_argument("--no-mlflow", action="store_true", help="Lightning without its MLflow logger (default: a "
                    "throwaway SQLite store, as `llmcycle train pretrain` logs)")
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk cache (default: a cold one, "
                    "so compile time is what a first run pays)")
     p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     tracking.quiet_env()
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the throwaway store, never a shared server
     import lightning  # noqa: F401  (its import sets its loggers to INFO: quiet them after it)
@@ -234,45 +248,63 @@ def main() -> None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")  # read when compiling, not at import
         settings, data_desc = make_project(root, args)
         c = settings.pretrain
-        meta = json.loads((layout.tokens_dir(settings) / "meta.json").read_text())
-        vocab = int(meta["vocab_size"])
+        vocab = int(json.loads((layout.tokens_dir(settings) / "meta.json").read_text())["vocab_size"])
         shape = cfg.resolve_model_shape(settings, vocab_size=vocab)
-        args.block = shape["block_size"]
         data = TokenData(settings, block_size=shape["block_size"], batch_size=c.batch_size, seed=c.seed)
         data.check()
-        probe = fresh_model(settings, vocab, c.seed)
-        n_params = count_parameters(probe)
+        n_params = count_parameters(fresh_model(settings, vocab, c.seed))
         fpt = flops_per_token(n_params, shape["n_layer"], shape["n_embd"], shape["block_size"])
-        del probe
+        tok = c.batch_size * shape["block_size"]
+        mlf = not args.no_mlflow
+        info = {"n_params": n_params, "fpt": fpt, "block": shape["block_size"], "data": data_desc, "peaks": []}
 
         t_all, load_start = time.perf_counter(), os.getloadavg()[0]
-        peaks = [matmul_peak()]
-        print(f"eager loop 1 ({args.warmup} + {args.steps} steps) ...", flush=True)
-        eager = [eager_loop(settings, data, vocab, args.steps, args.warmup)]
-        print(f"  {eager[0]['tps']:,.0f} tokens/s\nLightning, eager ({args.budget_s:.0f} s budget) ...", flush=True)
-        peak = max(peaks)
-        light = lightning_run(settings, data, vocab, fpt, peak, False, args.budget_s, args.warmup, not args.no_mlflow)
-        print(f"  {light['tps']:,.0f} tokens/s", flush=True)
-        comp = None
-        if not args.no_compile:
-            print(f"Lightning + torch.compile ({args.budget_s:.0f} s budget, compilation included) ...", flush=True)
-            try:
-                comp = lightning_run(settings, data, vocab, fpt, peak, True, args.budget_s, args.warmup,
-                                     not args.no_mlflow)
-                print(f"  {comp['tps']:,.0f} tokens/s", flush=True)
-            except Exception as exc:  # a compiler failure is a result to report, not a reason to lose the others
-                print(f"  compile run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-        print(f"eager loop 2 ({args.warmup} + {args.steps} steps) ...", flush=True)
-        eager.append(eager_loop(settings, data, vocab, args.steps, args.warmup))
-        peaks.append(matmul_peak())
-        out = report(args, data_desc, n_params, fpt, max(peaks), peaks, eager, light, comp)
+        info["peaks"].append(matmul_peak())
+        peak = info["peaks"][0]
+        variants = ["eager", "lightning"] + ([] if args.no_compile else ["compiled"])
+        budget: dict[str, dict] = {}
+        compiled = None
+        if args.budget_s > 0:
+            for key in variants[1:]:
+                print(f"{key}: end-to-end run, {args.budget_s:.0f} s budget ...", flush=True)
+                module = lightning_module(settings, data, vocab, fpt, peak, key == "compiled")
+                r = lightning_fit(settings, module, f"bench_{key}_budget", mlf, budget_s=args.budget_s)
+                budget[key] = budget_figures(r, args.budget_s, args.warmup, tok)
+                compiled = module if key == "compiled" else compiled
+                print(f"  {budget[key]['steps']} steps, {budget[key]['tps']:,.0f} tokens/s after warm-up", flush=True)
+
+        rounds: dict[str, list[float]] = {k: [] for k in variants}
+        first_losses: dict[str, list[float]] = {}
+        for i in range(args.rounds):
+            order = variants[i % len(variants):] + variants[:i % len(variants)]  # no variant always goes first
+            for key in order:
+                n = args.warmup + args.steps
+                if key == "eager":
+                    r = eager_run(settings, data, vocab, n)
+                else:
+                    # The compiled module is reused across rounds: compilation is paid once, as in one long run.
+                    if key == "compiled" and compiled is None:
+                        compiled = lightning_module(settings, data, vocab, fpt, peak, True)
+                    module = compiled if key == "compiled" else lightning_module(settings, data, vocab, fpt, peak, False)
+                    r = lightning_fit(settings, module, f"bench_{key}", mlf, steps=n)
+                rounds[key].append(steady_tps(r["starts"], r["ends"], args.warmup, tok))
+                first_losses.setdefault(key, r["losses"])
+            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rounds.items()) + " tokens/s",
+                  flush=True)
+        info["peaks"].append(matmul_peak())
+        out = report(args, info, max(info["peaks"]), rounds, budget)
+
+        # Same seed, same batches, same optimizer: the first losses must agree, or it is not like for like.
+        k = min(5, len(first_losses["eager"]), len(first_losses["lightning"]))
+        diff = max(abs(a - b) for a, b in zip(first_losses["eager"][:k], first_losses["lightning"][:k]))
+        print(f"same math: max |loss(Lightning) - loss(eager)| over the first {k} steps = {diff:.1e}")
         # Other processes on 2 cores starve torch's two threads far more than their share: print the context.
         load_end = os.getloadavg()[0]
-        print(f"\ntotal benchmark time {time.perf_counter() - t_all:.0f} s; 1-min load average {load_start:.2f} "
-              f"at start, {load_end:.2f} at end (above ~2.2 on 2 cores: something else was running)")
-        out.update(load_avg=[load_start, load_end])
+        print(f"total benchmark time {time.perf_counter() - t_all:.0f} s; 1-min load average {load_start:.2f} at "
+              f"start, {load_end:.2f} at end (this run alone is ~2; more means something else was running)")
         if args.json:
-            out.update(args={k: v for k, v in vars(args).items()}, date=time.strftime("%Y-%m-%d"))
+            out.update(loss_diff=diff, load_avg=[load_start, load_end], args=vars(args),
+                       date=time.strftime("%Y-%m-%d %H:%M"))
             Path(args.json).write_text(json.dumps(out, indent=2, default=str))
 
 

@@ -241,7 +241,10 @@ def run(settings: Settings, resume: bool = False) -> dict:
     module = _module_class()(model, cfg, data, fpt, settings=settings)
 
     if not zero:  # extra DDP process: train only; rank zero owns the MLflow run and the artifacts
-        fit(build_trainer(settings, cfg, STAGE, run_id=None), module, ckpt_path=ckpt)
+        trainer = build_trainer(settings, cfg, STAGE, run_id=None)
+        fit(trainer, module, ckpt_path=ckpt)
+        if module.last_val is None or module.last_val[0] != trainer.global_step:
+            trainer.validate(module, verbose=False)  # a collective: every rank joins rank zero's final validate
         return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
 
     with _stage_run(settings, resume_id, params) as active:

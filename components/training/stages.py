@@ -186,8 +186,10 @@ def fit_extra_rank(settings: Settings, cfg: TrainConfig, stage: str, module: Any
     """Train in an extra DDP process and return the stage's empty result: rank zero owns run and artifacts."""
     from components.training.trainer import build_trainer, fit
 
-    fit(build_trainer(settings, cfg, stage, run_id=None), module, ckpt_path=ckpt,
-        train_dataloaders=train, val_dataloaders=val)
+    trainer = build_trainer(settings, cfg, stage, run_id=None)
+    fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train, val_dataloaders=val)
+    if module.last_val_step != trainer.global_step:
+        trainer.validate(module, dataloaders=val, verbose=False)  # a collective: join rank zero's final validate
     return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
 
 

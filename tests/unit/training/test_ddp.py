@@ -27,12 +27,8 @@ INHERITED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", tracking.PARENT_ENV, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_steps", [
-    4,
-    # val_every=2: step 3 ends between validations, so rank zero runs the final trainer.validate() alone
-    # after rank 1 has returned, and its broadcast meets a closed peer (gloo "Connection closed by peer").
-    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason="final validate runs on rank zero only")),
-])
+# val_every=2: 4 steps end on a validation; 3 end between two, so every rank joins one final validate.
+@pytest.mark.parametrize("max_steps", [4, 3])
 def test_ddp_pretrain_on_two_cpu_processes(tmp_path, max_steps):
     config = write_params(tmp_path)
     settings = cfg.load(config)
@@ -66,4 +62,5 @@ def test_ddp_pretrain_on_two_cpu_processes(tmp_path, max_steps):
     assert "MLmodel" in model_files, model_files
 
     last = layout.checkpoints_dir(settings, "pretrain") / "last.ckpt"
-    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == max_steps
+    # Checkpoints come every ckpt_every=2 steps: the newest is at the last multiple of 2.
+    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == max_steps - max_steps % 2
