@@ -7,14 +7,13 @@ prompt's tail and the response's head. Padding is right-sided for training, left
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from components.data import layout
-from components.errors import TrainingError
+from components.data import io, layout
+from components.errors import DataError, TrainingError
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -22,18 +21,14 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     if not path.exists():
         raise TrainingError(f"{path}: dataset file not found (run `llmcycle data datasets` first)")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+    try:
+        for lineno, row in io.read_jsonl(path):
             missing = [k for k in required if k not in row]
             if missing:
                 raise TrainingError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
             rows.append(row)
+    except DataError as exc:  # a malformed line stops this training stage, not the data stage
+        raise TrainingError(str(exc)) from None
     if not rows:
         raise TrainingError(f"{path}: empty dataset, nothing to train on")
     return rows
