@@ -248,10 +248,12 @@ def report(args, info: dict, peak: float, rounds: dict, busy: dict, budget: dict
     if "compiled" in budget and "lightning" in budget:
         c, e = budget["compiled"], budget["lightning"]
         print(f"compiled / eager tokens within the budget: {c['tokens'] / e['tokens']:.2f}x")
-        if c["tps"] > e["tps"]:
-            # tokens(B) ~ (B - overhead) * tps for each; they cross where both have trained as much.
-            cross = (c["overhead_s"] * c["tps"] - e["overhead_s"] * e["tps"]) / (c["tps"] - e["tps"])
-            print(f"break-even wall budget (compile pays for itself after): ~{cross:.0f} s")
+        # Rate ratio from the interleaved rounds (paired, so steadier than two long runs apart in time).
+        r = statistics.median(a / b for a, b in zip(rounds["compiled"], rounds["lightning"]))
+        if r > 1:
+            # tokens(B) ~ (B - overhead) * rate for each; equal at B = (o_c * r - o_e) / (r - 1).
+            cross = (c["overhead_s"] * r - e["overhead_s"]) / (r - 1)
+            print(f"break-even wall budget: ~{cross:.0f} s (compiled / Lightning rate {r:.3f}x in the rounds)")
             out["break_even_s"] = cross
     ratio = out["compiled" if "compiled" in rounds else "lightning"]["ratio_median"]
     mfu = max(v["mfu"] for k, v in out.items() if k in rounds)
