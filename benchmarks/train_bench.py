@@ -86,9 +86,12 @@ class OthersCpu:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self.t
-        others = (_busy_cpu_s() - self.busy) - (_own_cpu_s() - self.own)
-        self.share = max(0.0, others / (wall * (os.cpu_count() or 1))) if self.busy is not None else float("nan")
+        wall, busy = time.perf_counter() - self.t, _busy_cpu_s()
+        if busy is None or self.busy is None:  # no /proc/stat (not Linux): unknown
+            self.share = float("nan")
+            return
+        others = (busy - self.busy) - (_own_cpu_s() - self.own)
+        self.share = max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
 def _busy_cpu_s() -> float | None:
@@ -247,7 +250,7 @@ def report(args, info: dict, peak: float, rounds: dict, busy: dict, budget: dict
             out[key]["budget"] = b
     if "compiled" in budget and "lightning" in budget:
         c, e = budget["compiled"], budget["lightning"]
-        print(f"compiled / eager tokens within the budget: {c['tokens'] / e['tokens']:.2f}x")
+        print(f"tokens within the budget, Lightning + compile / Lightning: {c['tokens'] / e['tokens']:.2f}x")
         # Rate ratio from the interleaved rounds (paired, so steadier than two long runs apart in time).
         r = statistics.median(a / b for a, b in zip(rounds["compiled"], rounds["lightning"]))
         if r > 1:
@@ -281,7 +284,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk cache (default: a cold one, "
                    "so compile time is what a first run pays)")
     p.add_argument("--json", help="also write the figures to this file")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be at least 1")
+    return args
 
 
 def main() -> None:

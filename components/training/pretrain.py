@@ -255,6 +255,7 @@ def run(settings: Settings, resume: bool = False) -> dict:
         if resume:
             mlflow.set_tag("resumed_from", ckpt.name)
         trainer = build_trainer(settings, cfg, STAGE, run_id)
+        mlflow.set_tag("world_size", str(trainer.world_size))  # a tag: a --resume may use another world size
         fit(trainer, module, ckpt_path=ckpt)
         if module.last_val is None or module.last_val[0] != trainer.global_step:
             trainer.validate(module, verbose=False)  # final val metrics always describe the final weights

@@ -52,6 +52,7 @@ def test_ddp_pretrain_on_two_cpu_processes(tmp_path, max_steps):
     runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string="tags.stage = 'pretrain'",
                               output_format="list")
     assert len(runs) == 1                                         # rank 1 opened no run of its own
+    assert runs[0].data.tags["world_size"] == "2"
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
     client = mlflow.MlflowClient()
