@@ -7,14 +7,13 @@ The module class is built on first use, so importing this file does not import l
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import os
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -25,10 +24,10 @@ from components.errors import ConfigError
 from components.model.build import count_parameters, load_causal_lm
 from components.training.data import TokenData
 from components.training.losses import causal_lm_loss
+from components.training.stages import RUN_ID_FILE, is_launch_rank_zero, open_stage_run
 from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit, last_checkpoint
 
 STAGE = "pretrain"
-RUN_ID_FILE = "run_id.txt"
 
 
 # ----------------------------------------------------------------------------- throughput accounting
@@ -158,30 +157,6 @@ def __getattr__(name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- the stage
-def _is_launch_rank_zero() -> bool:
-    """False in the extra processes a DDP launcher starts (they re-run the command): no MLflow run there."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-@contextlib.contextmanager
-def _stage_run(settings: Settings, resume_id: str | None, params: dict) -> Iterator[Any]:
-    """A new `pretrain` stage run, or the interrupted one reopened (same id, metrics continue)."""
-    if resume_id:
-        tracking.configure(settings)
-        import mlflow
-        from mlflow.exceptions import MlflowException
-        try:
-            mlflow.MlflowClient().get_run(resume_id)
-        except MlflowException:
-            resume_id = None  # another tracking store or a deleted run: start a new run, keep the lineage tag
-        if resume_id:
-            with mlflow.start_run(run_id=resume_id, nested=mlflow.active_run() is not None) as run:
-                yield run
-            return
-    with tracking.stage_run(settings, STAGE, params=params) as run:
-        yield run
-
-
 def _log_reports(run_id: str, model: Any, tokenizer: Any, data: TokenData) -> None:
     """Loss curve (from the run's full metric history, so resumed runs plot whole) and sample generations."""
     import matplotlib
@@ -215,7 +190,7 @@ def run(settings: Settings, resume: bool = False) -> dict:
     t_start = time.perf_counter()
     cfg = settings.pretrain
     ckpt_dir = layout.checkpoints_dir(settings, STAGE)
-    zero = _is_launch_rank_zero()
+    zero = is_launch_rank_zero()
     ckpt, resume_id = None, None
     if resume:
         ckpt = last_checkpoint(settings, STAGE)
@@ -247,10 +222,7 @@ def run(settings: Settings, resume: bool = False) -> dict:
             trainer.validate(module, verbose=False)  # a collective: every rank joins rank zero's final validate
         return {"run_id": None, "model_uri": None, "metrics": {}, "wall_s": time.perf_counter() - t_start}
 
-    with _stage_run(settings, resume_id, params) as active:
-        run_id = active.info.run_id
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / RUN_ID_FILE).write_text(run_id)
+    with open_stage_run(settings, STAGE, resume_id, params) as run_id:  # writes run_id.txt for --resume
         import mlflow
         if resume:
             mlflow.set_tag("resumed_from", ckpt.name)
