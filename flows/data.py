@@ -1,5 +1,10 @@
 """The data flow: `dvc repro` (one at a time, retried on a lock), then the `data` stage run in MLflow.
 
+The run's `--set` overrides reach the DVC stages through the `resolve` stage: the config path and the
+overrides go into DVC's environment, `resolve` writes params.resolved.yaml, and every other stage reads
+that file and declares its params deps on it (components/data/resolve.py says why not `dvc exp run`).
+So dvc.lock, and the data hash built from it, name the data really used; after repro the flow checks
+that the stages read this run's params.
 The run carries the dvc.lock hashes as tags, the Great Expectations results and Data Docs as artifacts,
 and the stage statistics (data/reports/*.json) as metrics. A failed suite still logs its results,
 marks the run FAILED and stops the lifecycle.
@@ -13,7 +18,8 @@ from prefect import flow, task
 
 from components import tracking
 from components.config import Settings
-from components.data import dvc, layout
+from components.data import dvc, layout, resolve
+from components.data.sources import resolve_source
 
 
 @task(name="dvc-repro", retries=2, retry_delay_seconds=3,
@@ -23,7 +29,9 @@ def repro_task(config: str, overrides: list[str]) -> str:
 
     settings = cfg.load(config, overrides)
     dvc.ensure_repo(settings)
-    return dvc.repro(settings)
+    output = dvc.repro(settings, overrides=overrides)
+    resolve.check_used(settings)
+    return output
 
 
 def _flat_metrics(prefix: str, obj: object, out: dict[str, float]) -> None:
@@ -58,6 +66,10 @@ def log_data_run(settings: Settings) -> dict:
             mlflow.log_artifacts(str(docs), f"validation/{suite}/data_docs")
     for timing in sorted(settings.path("data", "reports", "timings").glob("*.json")):
         mlflow.log_artifact(str(timing), "reports/timings")
+    for used in (layout.resolved_params_path(settings), layout.fingerprint_path(settings, "corpus"),
+                 layout.fingerprint_path(settings, "finetune")):
+        if used.exists():  # what the stages read: the params after --set, the source fingerprints
+            mlflow.log_artifact(str(used), "dvc")
     if (settings.root / "dvc.lock").exists():
         mlflow.log_artifact(str(settings.root / "dvc.lock"), "dvc")
     return stats
@@ -70,6 +82,7 @@ def data_flow(config: str = "params.yaml", overrides: list[str] | None = None) -
 
     overrides = overrides or []
     settings = cfg.load(config, overrides)
+    resolve_source(settings)  # a missing source path is a usage error (exit 2), before DVC wraps it
     with tracking.stage_run(settings, "data", params=settings.data.model_dump(mode="json")) as run:
         try:
             output = repro_task(config, overrides)

@@ -15,29 +15,50 @@ from pathlib import Path
 import yaml
 
 from components.config import Settings
+from components.data import layout
 from components.errors import ConfigError, DataError
 
 CODE = "components/data"
+RESOLVED = layout.RESOLVED_PARAMS
 
 
 def pipeline(code_deps: bool = True) -> dict:
-    """dvc.yaml as a dict: ingest -> validate -> tokenizer -> datasets, each a `llmcycle data` command."""
+    """dvc.yaml as a dict: resolve -> ingest -> validate -> tokenizer -> datasets.
+
+    `resolve` (always run) writes the params after --set and the source fingerprints (see
+    components/data/resolve.py); every other stage is a `llmcycle data` command that reads those params
+    through --config and declares params deps on them, never on params.yaml itself.
+    """
     def deps(*paths: str) -> list[str]:
         return list(paths) + ([CODE] if code_deps else [])
+
+    def params(*keys: str) -> list[dict]:
+        return [{RESOLVED: list(keys)}]
+
+    def cmd(stage: str) -> str:
+        return f"llmcycle data {stage} --config {RESOLVED}"
 
     def report(stage: str) -> list[dict]:
         return [{f"data/reports/{stage}.json": {"cache": False}}]
 
+    def fingerprint(what: str) -> str:
+        return f"data/source/{what}.json"
+
+    # Small, regenerated every repro, meaningless without the source: not cached, not pushed.
+    uncached = [{path: {"cache": False}} for path in (RESOLVED, fingerprint("corpus"), fingerprint("finetune"))]
     return {"stages": {
-        "ingest": {"cmd": "llmcycle data ingest", "deps": deps(), "params": ["data"],
+        "resolve": {"cmd": "python -m components.data.resolve", "always_changed": True,
+                    **({"deps": [CODE]} if code_deps else {}), "outs": uncached},
+        "ingest": {"cmd": cmd("ingest"), "deps": deps(fingerprint("corpus")), "params": params("data"),
                    "outs": ["data/raw"], "metrics": report("ingest")},
-        "validate": {"cmd": "llmcycle data validate", "deps": deps("data/raw"), "params": ["data"],
+        "validate": {"cmd": cmd("validate"), "deps": deps("data/raw"), "params": params("data"),
                      "outs": ["data/validation/corpus"], "metrics": report("validate")},
-        "tokenizer": {"cmd": "llmcycle data tokenizer", "deps": deps("data/raw", "data/validation/corpus"),
-                      "params": ["tokenizer"], "outs": ["data/processed/tokenizer"],
+        "tokenizer": {"cmd": cmd("tokenizer"), "deps": deps("data/raw", "data/validation/corpus"),
+                      "params": params("tokenizer"), "outs": ["data/processed/tokenizer"],
                       "metrics": report("tokenizer")},
-        "datasets": {"cmd": "llmcycle data datasets", "deps": deps("data/raw", "data/processed/tokenizer"),
-                     "params": ["data", "model.block_size"],
+        "datasets": {"cmd": cmd("datasets"),
+                     "deps": deps("data/raw", "data/processed/tokenizer", fingerprint("finetune")),
+                     "params": params("data", "model.block_size"),
                      "outs": ["data/processed/tokens", "data/processed/sft", "data/processed/preference",
                               "data/validation/finetune"],
                      "metrics": report("datasets")},
@@ -51,16 +72,17 @@ def write_pipeline(root: Path, code_deps: bool = True) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The subprocess finds `llmcycle` in the same environment as this interpreter."""
-    env = dict(os.environ)
+    env = {**os.environ, **(extra or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
     return env
 
 
-def dvc(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=settings.root, env=_env(),
+def dvc(settings: Settings, *args: str, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=settings.root, env=_env(env),
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise DataError(f"dvc {' '.join(args)} failed in {settings.root}: {_last_lines(proc)}")
@@ -91,13 +113,22 @@ def ensure_repo(settings: Settings) -> None:
         write_pipeline(root)
 
 
-def repro(settings: Settings, targets: tuple[str, ...] = (), attempts: int = 4) -> str:
-    """Run `dvc repro`; retry only on a lock held by another DVC process. Returns DVC's output.
+def repro(settings: Settings, targets: tuple[str, ...] = (), attempts: int = 4,
+          overrides: list[str] | None = None) -> str:
+    """Run `dvc repro` with this run's config and overrides; retry only on a lock held by another DVC
+    process. Returns DVC's output.
 
-    A failing stage raises DataError carrying the stage's own error line (e.g. the failed expectation).
+    The config and overrides travel in the environment to the `resolve` stage (components/data/resolve.py),
+    which writes the params every other stage reads. A failing stage raises DataError carrying the
+    stage's own error line (e.g. the failed expectation).
     """
+    from components.data.resolve import stage_env
+
+    # Path(...).resolve() as components.config.load did: a relative --config is relative to the cwd.
+    config = None if settings.source_file == "<defaults>" else Path(settings.source_file).resolve()
+    env = stage_env(config, overrides or [])
     for attempt in range(1, attempts + 1):
-        proc = dvc(settings, "repro", *targets, check=False)
+        proc = dvc(settings, "repro", *targets, check=False, env=env)
         if proc.returncode == 0:
             return proc.stdout
         text = proc.stderr + proc.stdout
@@ -137,5 +168,11 @@ def push(settings: Settings) -> Path:
 
 
 def status_clean(settings: Settings) -> bool:
-    proc = dvc(settings, "status", check=False)
-    return proc.returncode == 0 and ("up to date" in proc.stdout or not proc.stdout.strip())
+    """True when `dvc status` reports nothing to rerun besides `resolve`, which is always changed by design."""
+    proc = dvc(settings, "status", "--json", check=False)
+    if proc.returncode != 0:
+        return False
+    import json
+
+    changed = json.loads(proc.stdout or "{}")
+    return all(name == "resolve" or name.endswith(":resolve") for name in changed)

@@ -10,6 +10,7 @@ from pathlib import Path
 from components.config import Settings
 
 SPLITS = ("train", "val", "test")
+RESOLVED_PARAMS = "params.resolved.yaml"
 
 # Special tokens of the tokenizer and the chat template built on them.
 EOT = "<|endoftext|>"
@@ -19,6 +20,21 @@ USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = [EOT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+
+
+def resolved_params_path(s: Settings) -> Path:
+    """params.resolved.yaml: the params the DVC stages read (config + --set + resolved shape).
+
+    At the project root, not under data/, because `--config FILE` takes the project root from the
+    file's folder (components.config.load). Written by the `resolve` stage; git-ignored.
+    """
+    return s.path(RESOLVED_PARAMS)
+
+
+def fingerprint_path(s: Settings, what: str) -> Path:
+    """data/source/<what>.json: a content hash of the corpus source ("corpus") or the user's fine-tuning
+    files ("finetune"), so DVC reruns the stage that reads them when they change."""
+    return s.path("data", "source", f"{what}.json")
 
 
 def raw_dir(s: Settings) -> Path:

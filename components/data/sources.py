@@ -3,11 +3,16 @@
 Each source yields RawDoc records with a stable id (source kind + relative path, or the JSONL line /
 given id) and the payload as bytes (files: decoding is cleaning's job) or str (JSONL `text`).
 Excluded directory names are pruned during the walk, so a large tests/ tree costs nothing.
+fingerprint() hashes what a source holds (relative paths + contents; for stdlib also the interpreter
+version) so DVC can see a changed source: reading it costs about what ingest's own read costs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import re
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,3 +139,32 @@ def iter_raw(source: Source, settings: Settings) -> Iterator[RawDoc]:
         return _iter_jsonl(source)
     pattern = STDLIB_GLOB if source.kind == "stdlib" else settings.data.glob
     return _iter_files(source, pattern, settings.data.exclude_dirs)
+
+
+def file_sha256(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def fingerprint(source: Source, settings: Settings) -> dict:
+    """What the source holds, as a stable hash: the files ingest would read (relative path + content).
+
+    No absolute paths and no mtimes: the same corpus gives the same fingerprint in another clone, venv
+    or after a `touch`, so only a real change reruns ingest (and changes the data hash).
+    """
+    if source.kind == "jsonl":
+        files, root = [source.path], source.path.parent
+    else:
+        pattern = STDLIB_GLOB if source.kind == "stdlib" else settings.data.glob
+        files, root = list_files(source.path, pattern, settings.data.exclude_dirs), source.path
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
+    out = {"kind": source.kind, "files": len(files), "sha256": h.hexdigest()}
+    if source.kind == "stdlib":
+        # A new interpreter brings a new stdlib; the version also names it for a reader of dvc.lock.
+        out["python"] = f"{sys.implementation.name} {platform.python_version()}"
+    return out
