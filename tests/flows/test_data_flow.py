@@ -70,3 +70,92 @@ def test_data_flow_stops_on_failed_validation(tiny_root):
     data_run = _runs_by_name(settings, parent.info.run_id)["data"]
     assert data_run.info.status == "FAILED"
     assert not (tiny_root / "data" / "processed" / "tokenizer" / "tokenizer.json").exists()
+
+
+# ----------------------------------------------------------------------------- data versions see their source
+def _ran(output: str) -> set[str]:
+    """The stages `dvc repro` ran (the always-changed `resolve` included)."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def _report(root, stage: str) -> dict:
+    return json.loads((root / "data" / "reports" / f"{stage}.json").read_text())
+
+
+def test_editing_a_dir_source_reruns_ingest_and_changes_the_data_hash(tiny_root, tiny_settings):
+    from components.data import dvc
+
+    init_project(tiny_root)
+    assert _ran(dvc.repro(tiny_settings)) == {"resolve", "ingest", "validate", "tokenizer", "datasets"}
+    before = tracking.data_hash(tiny_root)
+    # A touched file is not a changed corpus: the fingerprint hashes content, so nothing reruns.
+    mod = tiny_root / "corpus" / "pkg" / "mod_003.py"
+    import os
+    os.utime(mod, (1, 1))
+    assert _ran(dvc.repro(tiny_settings)) == {"resolve"}
+    assert tracking.data_hash(tiny_root) == before
+    mod.write_text(mod.read_text() + '\n\ndef added_helper(x):\n    """Return x doubled."""\n    return 2 * x\n')
+    assert "ingest" in _ran(dvc.repro(tiny_settings))
+    assert tracking.data_hash(tiny_root) != before
+    assert "added_helper" in (tiny_root / "data" / "raw" / "corpus.jsonl").read_text()
+
+
+def test_changing_the_model_preset_reruns_datasets_only(tiny_root, tiny_settings):
+    from components.data import dvc
+
+    init_project(tiny_root)
+    # The tiny config pins block_size; unpin it so the preset decides (tiny 256, small 512).
+    dvc.repro(tiny_settings, overrides=["model.block_size=null", "model.preset=tiny"])
+    assert _report(tiny_root, "datasets")["block_size"] == 256
+    before = tracking.dvc_lock_hashes(tiny_root)
+    out = dvc.repro(tiny_settings, overrides=["model.block_size=null", "model.preset=small"])
+    assert _ran(out) == {"resolve", "datasets"}
+    assert _report(tiny_root, "datasets")["block_size"] == 512
+    after = tracking.dvc_lock_hashes(tiny_root)
+    assert after["data/raw"] == before["data/raw"] and after["data/processed/tokenizer"] == before["data/processed/tokenizer"]
+
+
+def test_set_data_source_reaches_the_stages_and_names_the_data(tiny_root):
+    from flows.data import data_flow
+    from tests.corpus_factory import write_corpus_dir
+
+    other = write_corpus_dir(tiny_root / "mine", n_modules=23, seed=7)
+    params_before = (tiny_root / "params.yaml").read_bytes()
+    init_project(tiny_root)
+    config = str(tiny_root / "params.yaml")
+    default = data_flow(config, [])
+    assert default["stats"]["ingest"]["documents"] == 40
+
+    result = data_flow(config, [f"data.source=dir:{other}"])
+    ingest = result["stats"]["ingest"]
+    assert ingest["source"] == f"dir:{other}" and ingest["read"] == ingest["documents"] == 23
+    assert result["data_hash"] != default["data_hash"]
+    # params.yaml is untouched; dvc.lock records the source the stages really read.
+    assert (tiny_root / "params.yaml").read_bytes() == params_before
+    lock = (tiny_root / "dvc.lock").read_text()
+    assert f"dir:{other}" in lock and f"dir:{tiny_root / 'corpus' / 'pkg'}" not in lock
+    # Back to the configured source: the same data, the same hash as the first run.
+    assert data_flow(config, [])["data_hash"] == default["data_hash"]
+
+
+def test_plain_dvc_repro_in_a_fresh_clone_reproduces_the_committed_lock(tiny_root, tiny_settings, tmp_path_factory):
+    """No llmcycle, no environment: `dvc repro` resolves params.yaml itself and rewrites dvc.lock identically."""
+    import os
+    import subprocess
+    import sys
+
+    from components.data import dvc
+
+    (tiny_root / ".gitignore").write_text("data/\nmlflow/\n.prefect/\nparams.resolved.yaml\n")
+    init_project(tiny_root)
+    dvc.repro(tiny_settings)
+    subprocess.run(["git", "add", "-A"], cwd=tiny_root, check=True)
+    subprocess.run(["git", "commit", "-qm", "data"], cwd=tiny_root, check=True)
+    clone = tmp_path_factory.mktemp("clone") / "project"
+    subprocess.run(["git", "clone", "-q", str(tiny_root), str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMCYCLE_")}
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=clone,
+                          capture_output=True, text=True).stdout == ""
