@@ -106,7 +106,11 @@ class TrainConfig(Section):
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
-    precision: str = Field("32-true", description="Lightning precision: 32-true | bf16-mixed | 16-mixed")
+    precision: str = Field("auto", description="Lightning precision: auto (bf16-mixed on a CUDA GPU with native bf16, "
+                                               "16-mixed on older CUDA GPUs, 32-true on CPU) | 32-true | bf16-mixed | 16-mixed")
+    fused_adamw: bool | None = Field(None, description="fused AdamW kernel; null = auto (fused when training on CUDA)")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes; null = auto (up to 4 on CUDA, "
+                                                           "0 on CPU, where workers would compete with the step)")
     strategy: str = Field("auto", description="Lightning strategy: auto | ddp | fsdp | ...")
     devices: int | str = Field(1, description="devices per node (or 'auto')")
     num_nodes: int = Field(1, ge=1)
@@ -122,6 +126,10 @@ class PretrainConfig(TrainConfig):
     max_steps: int = 300
     lr: float = 2e-3
     batch_size: int = 16
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="fused training kernels for the Llama hot path: liger (liger-kernel's RMSNorm, SwiGLU and "
+                            "fused linear cross-entropy; CUDA only, `pip install llmcycle[gpu]`) | none | auto (liger "
+                            "when training on CUDA with liger-kernel installed, else none)")
 
 
 class LoraConfig(Section):

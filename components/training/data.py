@@ -69,10 +69,13 @@ class TrainWindows(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         # Opened here, not in __init__: a memmap should not be pickled into worker processes.
         tokens = np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r")
-        step = self.start_step
+        # With W DataLoader workers, worker w builds steps start + w, start + w + W, ...; the DataLoader
+        # takes one batch from each worker in turn, so the stream is the same as with no workers.
+        info = torch.utils.data.get_worker_info()
+        step, stride = (self.start_step + info.id, info.num_workers) if info else (self.start_step, 1)
         while True:
             yield self.batch_at(step, tokens)
-            step += 1
+            step += stride
 
 
 class FixedWindows(Dataset):
@@ -90,10 +93,11 @@ class FixedWindows(Dataset):
 
 
 class TokenData:
-    """DataLoaders over data/processed/tokens for one block size and batch size (num_workers=0).
+    """DataLoaders over data/processed/tokens for one block size and batch size.
 
     Plain torch (no lightning import): the LightningModule calls train_loader(trainer.global_step)
-    from its train_dataloader hook, which Lightning runs after restoring a checkpoint's step.
+    from its train_dataloader hook, which Lightning runs after restoring a checkpoint's step, with
+    trainer.loader_options for its device (workers and pinned memory on CUDA; none on CPU, the default).
     """
 
     def __init__(self, settings: Settings, block_size: int, batch_size: int, seed: int):
@@ -109,17 +113,22 @@ class TokenData:
                                 "rows: the tokenizer changed since the model was built")
         return sizes
 
-    def train_loader(self, start_step: int = 0, rank: int = 0) -> DataLoader:
+    def train_loader(self, start_step: int = 0, rank: int = 0, num_workers: int = 0, pin_memory: bool = False,
+                     persistent_workers: bool = False) -> DataLoader:
+        """The endless batch stream from start_step; (B, block_size + 1) int64 batches."""
         open_tokens(self.settings, "train", self.block_size)
         stream = TrainWindows(layout.tokens_dir(self.settings) / "train.bin", self.meta["dtype"], self.block_size,
                               self.batch_size, self.seed, start_step=start_step, rank=rank)
-        return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+        # One iterator per fit: persistent workers would buy nothing for an endless stream.
+        return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
-    def val_loader(self, n_batches: int, split: str = "val") -> DataLoader:
+    def val_loader(self, n_batches: int, split: str = "val", num_workers: int = 0, pin_memory: bool = False,
+                   persistent_workers: bool = False) -> DataLoader:
         tokens = open_tokens(self.settings, split, self.block_size)
         windows = FixedWindows(tokens, self.block_size, n_batches * self.batch_size)
-        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, num_workers=0,
-                          pin_memory=torch.cuda.is_available())
+        # Re-iterated at every validation: persistent workers are not restarted each time.
+        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, num_workers=num_workers,
+                          pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0)
 
     def sample_prompts(self, n: int = 4, n_tokens: int = 24, split: str = "val") -> list[list[int]]:
         """Token ids of the first n_tokens of n documents of a split (the text after an EOT)."""

@@ -80,8 +80,8 @@ def _module_class() -> type:
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             out = self._dpo(batch)
             stats = self._scalars(out)
-            self.log_dict({f"train_{k}": v for k, v in stats.items()}, prog_bar=True,
-                          batch_size=out.chosen_rewards.shape[0])
+            # No prog_bar: Lightning would .item() these every batch (a host sync per step).
+            self.log_dict({f"train_{k}": v for k, v in stats.items()}, batch_size=out.chosen_rewards.shape[0])
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
             return out.loss
 

@@ -174,8 +174,15 @@ class PromptCollator:
         }
 
 
-def loader(dataset, batch_size: int, collate, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A CPU-friendly DataLoader (num_workers=0: tiny batches, and no fork after torch threads start)."""
+def loader(dataset, batch_size: int, collate, shuffle: bool, seed: int = 0, num_workers: int = 0,
+           pin_memory: bool = False, persistent_workers: bool = False) -> torch.utils.data.DataLoader:
+    """A seeded DataLoader; the defaults suit CPU training (no workers: tiny batches, the cores are the step's).
+
+    On CUDA the stage passes trainer.loader_options (workers, pinned memory); the shuffle order comes
+    from the seeded generator in the main process either way.
+    """
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                                       num_workers=0, generator=gen if shuffle else None)
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=persistent_workers and num_workers > 0,
+                                       generator=gen if shuffle else None)

@@ -27,7 +27,8 @@ from components.training.reporting import finish_stage
 from components.training.reward import load_reward_model, score
 from components.training.stages import (default_init_from, final_metrics, hf_dir, is_launch_rank_zero,
                                         open_stage_run, parent_model_uri, prepare_checkpoints)
-from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit
+from components.training.trainer import (build_trainer, configure_adamw, cosine_with_warmup, fit, loader_options,
+                                         to_training_device)
 
 STAGE = "ppo"
 N_SAMPLES = 8
@@ -152,36 +153,40 @@ def _module_class() -> type:
                 self.trainer.should_stop = True
                 return None
             roll = self.rollout(batch)
-            kl = roll["kl"].mean()
-            stats = {"score": roll["scores"].mean(), "kl": kl,
+            stats = {"score": roll["scores"].mean(), "kl": roll["kl"].mean(),
                      "response_length": roll["action_mask"].sum(-1).float().mean()}
+            # One read per iteration decides the early stop (the rollout's generate has synced already).
+            kl = float(stats["kl"])
             if kl > KL_STOP_FACTOR * self.cfg.kl_target:
-                rank_zero_warn(f"ppo: KL to the SFT model {float(kl):.3f} exceeds {KL_STOP_FACTOR}x kl_target "
+                rank_zero_warn(f"ppo: KL to the SFT model {kl:.3f} exceeds {KL_STOP_FACTOR}x kl_target "
                                f"({self.cfg.kl_target}); stopping at iteration {self.iteration}")
                 self.kl_stopped = True
-                self.log_dict({**stats, "kl_early_stop": 1.0}, prog_bar=True)  # same flags as below: Lightning insists
+                values = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+                self.log_dict({**values, "kl_early_stop": 1.0}, prog_bar=True)  # same flags as below: Lightning insists
                 self.trainer.should_stop = True
                 return None
             opt, sched = self.optimizers(), self.lr_schedulers()
             B = roll["input_ids"].shape[0]
             mb = min(self.cfg.batch_size, B)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             n = 0
             for _ in range(self.cfg.ppo_epochs):
                 for idx in torch.randperm(B, device=self.device).split(mb):
                     out = self.losses(roll, idx)
                     opt.zero_grad()
                     self.manual_backward(out["loss"])
-                    if self.cfg.grad_clip:
-                        self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
-                    opt.step()
-                    for key, value in out.items():
-                        sums[key] = sums.get(key, 0.0) + float(value.detach())
+                    opt.step()  # clipped by the trainer's GradClip callback, after the scaler's unscale_
+                    for key, value in out.items():  # summed on the device: no host read per minibatch
+                        sums[key] = sums[key] + value.detach() if key in sums else value.detach()
                     n += 1
             sched.step()
             self.iteration += 1
-            self.log_dict({**stats, **{("train_loss" if k == "loss" else k): v / n for k, v in sums.items()},
-                           "kl_early_stop": 0.0, "ppo_iteration": float(self.iteration),
+            # The iteration's one transfer: rollout stats and minibatch means together.
+            names = [*stats, *(("train_loss" if k == "loss" else k) for k in sums)]
+            values = torch.stack([*(v.float() for v in stats.values()),
+                                  *(v.float() / n for v in sums.values())]).tolist()
+            # Python floats: prog_bar costs nothing more, the bar shows the iteration's figures.
+            self.log_dict({**dict(zip(names, values)), "kl_early_stop": 0.0, "ppo_iteration": float(self.iteration),
                            "lr": opt.param_groups[0]["lr"]}, prog_bar=True)
             if self.iteration >= self.cfg.max_steps:
                 self.trainer.should_stop = True
@@ -212,13 +217,15 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
     if cfg.max_new_tokens >= block:
         raise ConfigError(f"ppo.max_new_tokens ({cfg.max_new_tokens}) must be below the context ({block})")
     prompts = fd.PromptDataset(rows, tokenizer, max_prompt_len=block - cfg.max_new_tokens)
-    train = fd.loader(prompts, cfg.rollout_batch, fd.PromptCollator(tokenizer.pad_token_id), True, cfg.seed)
+    train = fd.loader(prompts, cfg.rollout_batch, fd.PromptCollator(tokenizer.pad_token_id), True, cfg.seed,
+                      **loader_options(cfg.accelerator, cfg.num_workers))
     policy.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as found
     module = _module_class()(policy, ref, reward_model, tokenizer, cfg)
     params = {"ppo": cfg.model_dump(mode="json"), "init_from": init_from, "reward_model": reward_from,
               "n_params": count_parameters(policy), "prompts": len(rows)}
-    # Manual optimization: Lightning must neither clip nor count our steps; the module stops itself.
-    overrides = dict(gradient_clip_val=None, max_steps=-1, max_epochs=-1, limit_val_batches=0)
+    # Manual optimization: Lightning must not count our steps (the module stops itself); the trainer's
+    # GradClip callback clips inside each opt.step(), after the scaler's unscale_.
+    overrides = dict(max_steps=-1, max_epochs=-1, limit_val_batches=0)
 
     if not is_launch_rank_zero():
         fit(build_trainer(settings, cfg, STAGE, run_id=None, **overrides), module, ckpt_path=ckpt,
@@ -230,6 +237,7 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
     with open_stage_run(settings, STAGE, resume_id, params) as run_id:
         trainer = build_trainer(settings, cfg, STAGE, run_id, **overrides)
         fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train)
+        to_training_device(trainer, module)  # teardown left it on the CPU: samples run on the GPU
         outcome = {"ppo_iterations": module.iteration, "kl_early_stop": float(module.kl_stopped)}
         metrics = final_metrics(trainer, outcome)
         mlflow.log_metrics(outcome, step=trainer.global_step)

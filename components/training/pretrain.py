@@ -1,8 +1,8 @@
 """Pretraining stage: next-token prediction on the token arrays, one MLflow run `pretrain`, resumable.
 
-CausalLMModule wraps the HF model (loss, val perplexity, throughput and MFU); run() wires model, data,
-trainer and MLflow, and leaves a plain HF folder (checkpoints/pretrain/hf) plus a logged transformers
-model for the next stage. --resume continues the newest checkpoint inside the same MLflow run.
+CausalLMModule wraps the HF model (loss, val perplexity, throughput and MFU; on CUDA liger's fused kernels
+and a full-graph torch.compile when configured); run() wires model, data, trainer and MLflow, and leaves a
+plain HF folder (checkpoints/pretrain/hf) plus a logged transformers model for the next stage. --resume continues the newest checkpoint inside the same MLflow run.
 The module class is built on first use, so importing this file does not import lightning.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from components.model.build import count_parameters, load_causal_lm
 from components.training.data import TokenData
 from components.training.losses import causal_lm_loss
 from components.training.stages import RUN_ID_FILE, is_launch_rank_zero, open_stage_run
-from components.training.trainer import build_trainer, configure_adamw, cosine_with_warmup, fit, last_checkpoint
+from components.training.trainer import (build_trainer, configure_adamw, cosine_with_warmup, fit, last_checkpoint,
+                                         loader_options, to_training_device)
 
 STAGE = "pretrain"
 
@@ -66,37 +68,103 @@ def peak_flops(settings: Settings, device: torch.device, precision: str) -> floa
     return measure_matmul_flops(device, precision)
 
 
+# ----------------------------------------------------------------------------- the hot path
+def lm_loss(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """causal_lm_loss of a HF causal LM on inputs x and targets y, both (B, T); no KV cache while training.
+
+    The decoder then the head, as LlamaForCausalLM.forward does, so torch.compile sees model and loss as
+    one function and Inductor can fuse the logits' upcast into the cross-entropy.
+    """
+    hidden = model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state       # (B, T, C)
+    return causal_lm_loss(model.get_output_embeddings()(hidden), y)                   # (B, T, V) -> ()
+
+
+def compile_loss(fn: Any) -> Any:
+    """torch.compile(fn) as one full graph (forward + loss fused by Inductor); a partial graph if it breaks.
+
+    fullgraph=True holds for the HF Llama trunk + causal_lm_loss (transformers 5.24, checked on CPU);
+    a model patched with other kernels may not trace whole, and then graph breaks are allowed instead.
+    """
+    full, partial = torch.compile(fn, fullgraph=True), None
+
+    def call(*args: Any) -> torch.Tensor:
+        nonlocal full, partial
+        if full is not None:
+            try:
+                return full(*args)
+            except torch._dynamo.exc.Unsupported as exc:
+                warnings.warn(f"pretrain.compile: no full graph ({str(exc).splitlines()[0][:160]}); "
+                              "compiling with graph breaks")
+                full = None
+        if partial is None:
+            partial = torch.compile(fn)
+        return partial(*args)
+    return call
+
+
 # ----------------------------------------------------------------------------- the LightningModule
 @functools.lru_cache(maxsize=None)
 def _module_class() -> type:
     import lightning as L
 
     class CausalLMModule(L.LightningModule):
-        """Next-token training of a HF causal LM on (B, T+1) token windows."""
+        """Next-token training of a HF causal LM on (B, T+1) token windows.
+
+        The loss path is chosen in setup(), once the device is known: liger's fused kernels on CUDA
+        (cfg.kernels), torch.compile of trunk + loss (cfg.compile). Throughput is wall time over
+        logging intervals, read at the one host sync each interval already has.
+        """
 
         def __init__(self, model: Any, cfg: TrainConfig, data: TokenData, flops_per_token: float,
                      peak_flops: float | None = None, settings: Settings | None = None):
             super().__init__()
             self.model, self.cfg, self.data, self.settings = model, cfg, data, settings
             self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-            # Compile the bound forward, not the module: state_dict keys stay HF's, generate() stays eager.
-            self._forward = torch.compile(model.forward) if cfg.compile else model.forward
+            self.kernels = "none"                               # resolved in setup()
+            self._loss_fn: Any = None
             self._val_losses: list[torch.Tensor] = []
             self.last_val: tuple[int, float] | None = None     # (global step, val loss) of the latest validation
             self.last_train_loss = torch.tensor(float("nan"))
-            self.throughput: list[tuple[int, float, bool]] = []  # (tokens, seconds, first step of a fit)
-            self._t0 = 0.0
-            self._first_step = True
+            self.throughput: list[tuple[int, float]] = []       # (tokens, seconds) per logging interval
+            self.first_step: tuple[int, float] | None = None    # (tokens, seconds) of a fit's first step
+            self._mark: tuple[int, float] | None = None         # (global step, time) the current interval began
+            self._t0 = self._val_t0 = self._val_s = 0.0
+
+        def setup(self, stage: str) -> None:
+            if self._loss_fn is not None:
+                return
+            from components.model.kernels import apply_liger, resolve_kernels
+
+            model = self.model
+            self.kernels = resolve_kernels(getattr(self.cfg, "kernels", "none"), self.trainer.strategy.root_device.type)
+            if self.kernels == "liger":
+                fused_ce = apply_liger(model)
+                # The fused loss launches its own kernels (and reads the token count): compile the trunk only.
+                trunk = torch.compile(model.get_decoder()) if self.cfg.compile else model.get_decoder()
+
+                def liger_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                    hidden = trunk(input_ids=x, use_cache=False).last_hidden_state             # (B, T, C)
+                    head = model.get_output_embeddings().weight                                 # (V, C)
+                    return fused_ce(head, hidden.flatten(0, 1), y.flatten())                    # no (B*T, V) logits
+                self._loss_fn = liger_loss
+            else:
+                loss = functools.partial(lm_loss, model)
+                self._loss_fn = compile_loss(loss) if self.cfg.compile else loss
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self._forward(input_ids=input_ids).logits                   # (B, T, V)
+            return self.model(input_ids=input_ids, use_cache=False).logits         # (B, T, V)
+
+        def _loader_options(self) -> dict[str, Any]:
+            # Workers and pinned memory when this run trains on CUDA (the device Lightning chose), none on CPU.
+            return loader_options(self.trainer.strategy.root_device.type, getattr(self.cfg, "num_workers", None))
 
         def train_dataloader(self) -> Any:
             # Runs after Lightning restored a checkpoint: global_step is where the data must continue.
-            return self.data.train_loader(start_step=self.trainer.global_step, rank=self.trainer.global_rank)
+            return self.data.train_loader(start_step=self.trainer.global_step, rank=self.trainer.global_rank,
+                                          **self._loader_options())
 
         def val_dataloader(self) -> Any:
-            return self.data.val_loader(self.cfg.val_batches)
+            return self.data.val_loader(self.cfg.val_batches, **self._loader_options())
 
         def configure_optimizers(self) -> dict:
             opt = configure_adamw(self.model, self.cfg)
@@ -107,39 +175,56 @@ def _module_class() -> type:
             if self.peak_flops is None:
                 self.peak_flops = peak_flops(self.settings, self.device, self.trainer.precision) \
                     if self.settings is not None else measure_matmul_flops(self.device, self.trainer.precision)
-            self._first_step = True
+            self._mark, self.first_step = None, None
 
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
             x, y = batch[:, :-1], batch[:, 1:]                                # (B, T) inputs, (B, T) targets
-            loss = causal_lm_loss(self(x), y)
-            self.log("train_loss", loss, prog_bar=True)
+            loss = self._loss_fn(x, y)
+            # No prog_bar: Lightning would .item() it every batch (NonFiniteGuard feeds the bar instead).
+            self.log("train_loss", loss)
             self.last_train_loss = loss.detach()
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
             return loss
 
+        # -- throughput: wall time over logging intervals
         def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-            self._t0 = time.perf_counter()
+            if self._mark is None:
+                self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()  # kernels are async: time the work, not the launches
-            dt = time.perf_counter() - self._t0
-            tokens = batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
-            tps = tokens / max(dt, 1e-9)
-            mfu = tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)
-            self.log_dict({"tokens_per_sec": tps, "mfu": mfu})
-            # The first step of a fit pays for allocation (and compilation): kept apart from the average.
-            self.throughput.append((tokens, dt, self._first_step))
-            self._first_step = False
+            step = self.trainer.global_step
+            first = self._mark is None
+            if not first and step % self.trainer.log_every_n_steps and not 0 < self.trainer.max_steps <= step:
+                return
+            # The one host sync of the interval (NonFiniteGuard has just read the same step): the clock then
+            # times finished work, not queued launches. Both ends of an interval sit at the same point of a step.
+            float(self.last_train_loss)
+            now = time.perf_counter()
+            tokens_per_step = batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
+            if first:  # the first step of a fit pays for allocation (and compilation): kept apart
+                self.first_step = (tokens_per_step, now - self._t0)
+            else:
+                # Validation inside the interval is not training time.
+                tokens, seconds = (step - self._mark[0]) * tokens_per_step, now - self._mark[1] - self._val_s
+                tps = tokens / max(seconds, 1e-9)
+                mfu = tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)
+                self.log_dict({"tokens_per_sec": tps, "mfu": mfu})
+                self.throughput.append((tokens, seconds))
+            self._mark, self._val_s = (step, now), 0.0
 
         def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
             x, y = batch[:, :-1], batch[:, 1:]                                # (B, T)
-            self._val_losses.append(causal_lm_loss(self(x), y).detach())
+            self._val_losses.append(self._loss_fn(x, y).detach())
 
         def on_validation_epoch_start(self) -> None:
             self._val_losses = []
+            self._val_t0 = time.perf_counter()
 
         def on_validation_epoch_end(self) -> None:
+            self._log_val()  # its all_gather + float waits for the validation's kernels: time them whole
+            self._val_s += time.perf_counter() - self._val_t0
+
+        def _log_val(self) -> None:
             if not self._val_losses:
                 return
             # Averaged over every rank's windows here; logged as floats, so Lightning does not reduce again.
@@ -232,8 +317,10 @@ def run(settings: Settings, resume: bool = False) -> dict:
         if module.last_val is None or module.last_val[0] != trainer.global_step:
             trainer.validate(module, verbose=False)  # final val metrics always describe the final weights
 
-        steady = [x for x in module.throughput if not x[2]] or module.throughput or [(0, 1.0, True)]
-        tps = sum(x[0] for x in steady) / sum(x[1] for x in steady)     # all tokens over all step time
+        # All tokens over all wall time of the logging intervals after the first step (that one alone if
+        # the run was too short for an interval).
+        steady = module.throughput or [module.first_step or (0, 1.0)]
+        tps = sum(x[0] for x in steady) / sum(x[1] for x in steady)
         mfu = tps * fpt / (module.peak_flops * trainer.world_size) if module.peak_flops else 0.0
         metrics = {"val_loss": module.last_val[1], "val_perplexity": math.exp(module.last_val[1]),
                    "train_loss": float(module.last_train_loss), "tokens_per_sec": tps, "mfu": mfu,
@@ -241,7 +328,9 @@ def run(settings: Settings, resume: bool = False) -> dict:
         mlflow.log_metrics({"final_val_loss": metrics["val_loss"], "final_val_perplexity": metrics["val_perplexity"],
                             "avg_tokens_per_sec": metrics["tokens_per_sec"], "avg_mfu": metrics["mfu"]},
                            step=trainer.global_step)
-        model.eval()
+        mlflow.set_tag("precision", str(trainer.precision))  # what `auto` resolved to
+        mlflow.set_tag("kernels", module.kernels)
+        to_training_device(trainer, model).eval()  # fit's teardown left it on the CPU: sample on the GPU
         _log_reports(run_id, model, tokenizer, data)
         hf_dir = ckpt_dir / "hf"
         model.save_pretrained(str(hf_dir))

@@ -75,7 +75,7 @@ def _module_class() -> type:
             loss, acc = reward_pairwise_loss(chosen, rejected)
             self.log_dict({"train_loss": loss, "train_accuracy": acc,
                            "train_margin": (chosen - rejected).mean().detach()},
-                          prog_bar=True, batch_size=chosen.shape[0])
+                          batch_size=chosen.shape[0])  # no prog_bar: it would cost a host sync per batch
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
             return loss
 

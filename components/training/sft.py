@@ -63,7 +63,8 @@ def _module_class() -> type:
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             logits = self(batch["input_ids"], batch["attention_mask"])              # (B, T, V)
             loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
-            self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            # No prog_bar: Lightning would .item() it every batch (NonFiniteGuard feeds the bar instead).
+            self.log("train_loss", loss, batch_size=batch["input_ids"].shape[0])
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
             return loss
 

@@ -175,9 +175,11 @@ def train_val_loaders(cfg: TrainConfig, dataset: type, collate: Any, train_rows:
                       tokenizer: Any, max_len: int) -> tuple[Any, Any]:
     """(shuffled train, ordered val) DataLoaders of one dataset class, batch size and seed from cfg."""
     from components.training import finetune_data as fd
+    from components.training.trainer import loader_options
 
-    train = fd.loader(dataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed)
-    val = fd.loader(dataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False)
+    opts = loader_options(cfg.accelerator, cfg.num_workers)  # workers + pinned memory on CUDA, none on CPU
+    train = fd.loader(dataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed, **opts)
+    val = fd.loader(dataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False, **opts)
     return train, val
 
 
@@ -201,13 +203,17 @@ def fit_stage(settings: Settings, cfg: TrainConfig, stage: str, module: Any, ckp
 
     The with-block is where the stage logs its own final metrics, samples and model. module must set
     last_val_step at each validation epoch end: when training stopped between validations, one more
-    runs so the final metrics describe the final weights. extra is merged into the metrics.
+    runs so the final metrics describe the final weights. extra is merged into the metrics. The module
+    is back on the training device inside the block (Lightning's teardown moves it to the CPU).
     """
     from components.training.trainer import build_trainer, fit
+
+    from components.training.trainer import to_training_device
 
     with open_stage_run(settings, stage, resume_id, params) as run_id:
         trainer = build_trainer(settings, cfg, stage, run_id)
         fit(trainer, module, ckpt_path=ckpt, train_dataloaders=train, val_dataloaders=val)
         if module.last_val_step != trainer.global_step:
             trainer.validate(module, dataloaders=val, verbose=False)
+        to_training_device(trainer, module)  # teardown left it on the CPU: samples and scores run on the GPU
         yield run_id, trainer, final_metrics(trainer, extra)

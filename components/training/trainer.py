@@ -1,13 +1,16 @@
 """One Lightning Trainer factory for every training stage, plus the optimizer, schedule and resume helpers.
 
 Each stage builds its LightningModule and calls build_trainer(settings, cfg, stage, run_id): steps,
-clipping, precision, devices, validation cadence, checkpoints under checkpoints/<stage>/, metrics into the
-stage's already-open MLflow run, and a guard that stops on a NaN/inf loss. lightning is imported inside
+clipping, precision (resolve_precision: `auto` picks bf16-mixed / 16-mixed / 32-true for the device),
+devices, validation cadence, checkpoints under checkpoints/<stage>/, metrics into the stage's already-open
+MLflow run, and a guard that stops on a NaN/inf loss. Nothing here waits on the GPU once per step: the
+guard and the progress bar read the loss once per logging interval. lightning is imported inside
 functions only (7-9 s), so the CLI stays fast.
 """
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import warnings
@@ -24,19 +27,66 @@ from components.errors import TrainingError
 INTERRUPTED_CKPT = "interrupted.ckpt"
 
 
+# ----------------------------------------------------------------------------- device, precision, loaders
+def device_type(accelerator: str = "auto") -> str:
+    """The torch device type a run with this Lightning accelerator trains on: cuda, cpu (or mps, tpu, ...)."""
+    if accelerator in ("auto", "gpu", "cuda"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """The Lightning precision string a run uses; `auto` picks it for the device the run trains on.
+
+    auto -> bf16-mixed on a CUDA device with native bf16 (Ampere and newer), 16-mixed on older CUDA
+    devices (fp16 autocast + GradScaler), 32-true elsewhere (on CPU, bf16-mixed stays an explicit choice:
+    its speed there is not measured). Any other value is returned as given.
+    """
+    if precision != "auto":
+        return precision
+    if device_type(accelerator) != "cuda":
+        return "32-true"
+    try:  # emulated bf16 (pre-Ampere) is slower than fp16 with a scaler: count native support only
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword
+        native_bf16 = torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if native_bf16 else "16-mixed"
+
+
+def loader_options(accelerator: str = "auto", num_workers: int | None = None) -> dict[str, Any]:
+    """DataLoader keywords for the device: worker processes and pinned memory on CUDA, neither on CPU.
+
+    On a GPU the step is short, so batches are built by workers and copied from page-locked memory while
+    the previous step runs; on CPU workers would only compete with the step for the same cores.
+    """
+    cuda = device_type(accelerator) == "cuda"
+    if num_workers is None:
+        num_workers = min(4, max(1, (os.cpu_count() or 2) // 2)) if cuda else 0
+    return {"num_workers": num_workers, "pin_memory": cuda, "persistent_workers": num_workers > 0}
+
+
+def to_training_device(trainer: Any, module: torch.nn.Module) -> torch.nn.Module:
+    """Move a module back to the device it trained on (Lightning's teardown leaves it on the CPU).
+
+    Sample generations and scoring after fit then run on the GPU, not on the host.
+    """
+    return module.to(trainer.strategy.root_device)
+
+
 # ----------------------------------------------------------------------------- optimizer and schedule
 def configure_adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (>= 2-D: linear and embedding weights).
 
     Norm gains and biases stay undecayed: shrinking them toward zero only fights the normalisation.
+    fused: cfg.fused_adamw, or when unset (auto) fused exactly when every parameter is on CUDA: one kernel
+    launch for all tensors there, while on CPU the optimizer is <1% of a step (benchmarks/README.md).
+    Clipping a fused AdamW's gradients under mixed precision is GradClip's job (see below).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused CUDA kernel is one launch for all tensors; on CPU the optimizer is <1% of a step here
-    # (benchmarks/README.md), so torch's default single-tensor loop is kept there.
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
@@ -66,35 +116,106 @@ def last_checkpoint(settings: Settings, stage: str) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _callbacks(settings: Settings, cfg: TrainConfig, stage: str) -> list[Any]:
-    """NaN/inf guard, Ctrl-C checkpoint, schedule re-sync (classes built here so lightning loads lazily)."""
+def _callbacks(settings: Settings, cfg: TrainConfig, stage: str, interactive: bool) -> list[Any]:
+    """Gradient clipping, NaN/inf guard, Ctrl-C checkpoint, schedule re-sync (built here: lightning loads lazily)."""
     from lightning.pytorch.callbacks import Callback
 
     ckpt_dir = layout.checkpoints_dir(settings, stage)
 
-    class NonFiniteGuard(Callback):
-        """Stops training on a NaN/inf loss before its gradients touch the weights.
+    class GradClip(Callback):
+        """Clips the global gradient norm to cfg.grad_clip right before each optimizer step, in every precision.
 
-        Checked in on_before_backward (automatic and manual optimization both pass through it), so
-        the checkpoint callback never saves a poisoned state and the last good checkpoint stays.
+        Lightning's own clipping (Trainer(gradient_clip_val)) refuses a fused AdamW under bf16-/16-mixed
+        ("performs unscaling of gradients internally"), and in manual optimization (PPO) it would clip
+        fp16 gradients while they are still scaled. on_before_optimizer_step runs after the backward in
+        both modes, and, for an unfused optimizer, after Lightning's scaler.unscale_. For a fused one,
+        Lightning leaves the gradients scaled; unscaling them here is what torch's AMP recipe does, and
+        GradScaler.step then sees the optimizer UNSCALED and passes no scale to the fused kernel (the
+        inf/NaN check of unscale_ still skips a bad step). bf16 has no scaler: clipping is all there is.
         """
 
+        def __init__(self, max_norm: float):
+            self.max_norm = max_norm
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+            plugin = trainer.precision_plugin
+            scaler = getattr(plugin, "scaler", None)
+            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and any(
+                    p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+                scaler.unscale_(optimizer)
+            # The plugin's own norm clipping over its main parameters (FSDP's raises, as Lightning's would).
+            plugin.clip_grad_by_norm(optimizer, self.max_norm)
+
+    class NonFiniteGuard(Callback):
+        """Stops training on a NaN/inf loss without a host sync per step.
+
+        Each backward folds "is this loss finite" into a device-side scalar (the first bad step, +inf
+        while none); the host reads it once per logging interval (trainer.log_every_n_steps), before
+        every checkpoint (ckpt_every) and at the end of training. So training stops within one logging
+        interval of the first non-finite loss, and no checkpoint is ever written after one: the last
+        checkpoint on disk is a good state. The same read gives the progress bar its loss.
+        """
+
+        def __init__(self) -> None:
+            self.first_bad: torch.Tensor | None = None   # () float: step of the first non-finite loss, inf if none
+            self.last_loss: torch.Tensor | None = None
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.first_bad = self.last_loss = None
+
         def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-            if not torch.isfinite(loss.detach()).all():
+            loss = loss.detach()
+            bad_at = torch.where(torch.isfinite(loss).all(), math.inf, float(trainer.global_step))  # () on device
+            self.first_bad = bad_at if self.first_bad is None else torch.minimum(self.first_bad, bad_at)
+            self.last_loss = loss
+
+        def poisoned(self, trainer: Any) -> int | None:
+            """The first non-finite step on any rank, or None (one host read; a collective under DDP)."""
+            if self.first_bad is None:
+                return None
+            first = self.first_bad
+            if trainer.world_size > 1:  # every rank checks at the same steps, so all join this reduce
+                first = trainer.strategy.reduce(first.clone(), reduce_op="min")
+            value = float(first)
+            return None if math.isinf(value) else int(value)
+
+        def check(self, trainer: Any) -> None:
+            bad = self.poisoned(trainer)
+            if bad is not None:
                 last = last_checkpoint(settings, stage)
                 raise TrainingError(
-                    f"{stage}: non-finite loss ({loss.detach().float().item()}) at step {trainer.global_step}; "
-                    f"lower {stage}.lr (now {cfg.lr}) or check the data; last good checkpoint: {last or 'none'}")
+                    f"{stage}: non-finite loss at step {bad} (checked every {trainer.log_every_n_steps} steps and "
+                    f"before each checkpoint; stopped at step {trainer.global_step}); lower {stage}.lr (now {cfg.lr}) "
+                    f"or check the data; last good checkpoint: {last or 'none'}")
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step
+            due = (step % trainer.log_every_n_steps == 0 or step % cfg.ckpt_every == 0
+                   or 0 < trainer.max_steps <= step or trainer.should_stop)
+            if not due:
+                return
+            self.check(trainer)  # runs before ModelCheckpoint's hook: Lightning orders checkpoint callbacks last
+            if interactive and self.last_loss is not None:
+                # A Python float for the bar: Lightning would .item() a prog_bar tensor on every batch.
+                pl_module.log("loss", float(self.last_loss), prog_bar=True, logger=False)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.check(trainer)  # the final weights are about to be saved and logged
 
     class InterruptCheckpoint(Callback):
         """On Ctrl-C, save the state reached so far (interrupted.ckpt) so --resume continues from there."""
 
         interrupted = False
 
+        def __init__(self, guard: NonFiniteGuard):
+            self.guard = guard
+
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             if not isinstance(exception, KeyboardInterrupt):
                 return
             self.interrupted = True
+            if self.guard.poisoned(trainer) is not None:
+                return  # a non-finite loss since the last check: the weights are not worth resuming
             # Save the state as of the end of the last finished batch: Lightning's resume logic reads its
             # progress counters, and a batch fetched but not processed would shift the validation and
             # logging steps of the resumed run by one. The batch is simply redone on resume.
@@ -124,7 +245,9 @@ def _callbacks(settings: Settings, cfg: TrainConfig, stage: str) -> list[Any]:
                         group["lr"] = lr
                     sched._last_lr = lrs
 
-    return [NonFiniteGuard(), InterruptCheckpoint(), ScheduleFromConfig()]
+    guard = NonFiniteGuard()
+    clip = [GradClip(cfg.grad_clip)] if cfg.grad_clip else []
+    return [*clip, guard, InterruptCheckpoint(guard), ScheduleFromConfig()]
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -137,14 +260,20 @@ def _progress_bar(interactive: bool) -> list[Any]:
     return [RichProgressBar(leave=True)]
 
 
+def log_every(cfg: TrainConfig) -> int:
+    """Steps between logged points: ~100 per curve, every step for short runs."""
+    return max(1, cfg.max_steps // 100)
+
+
 def build_trainer(settings: Settings, cfg: TrainConfig, stage: str, run_id: str | None,
                   callbacks: Iterable[Any] = (), **overrides: Any) -> Any:
     """A lightning.Trainer for one stage; metrics go to the already-open MLflow run `run_id`.
 
     run_id is None only in the extra processes of a DDP launch (the logger is rank-zero only).
 
-    overrides go straight to lightning.Trainer (a PPO module with manual optimization passes
-    gradient_clip_val=None and clips itself; tests pass enable_progress_bar=False, ...).
+    Gradient clipping is the GradClip callback, never Lightning's gradient_clip_val (which refuses a
+    fused AdamW under mixed precision); cfg.precision goes through resolve_precision.
+    overrides go straight to lightning.Trainer (tests pass enable_progress_bar=False, ...).
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -167,16 +296,16 @@ def build_trainer(settings: Settings, cfg: TrainConfig, stage: str, run_id: str 
     interactive = sys.stderr.isatty()
     kwargs: dict[str, Any] = dict(
         max_steps=cfg.max_steps,
-        gradient_clip_val=cfg.grad_clip or None,
-        precision=cfg.precision,
+        gradient_clip_val=None,  # GradClip clips (see _callbacks)
+        precision=resolve_precision(cfg.precision, cfg.accelerator),
         strategy=cfg.strategy, devices=cfg.devices, num_nodes=cfg.num_nodes, accelerator=cfg.accelerator,
         # Step-based validation: count batches across epochs, not within one (streams have no epochs).
         val_check_interval=cfg.val_every, check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[*_callbacks(settings, cfg, stage), *callbacks, checkpoint, *_progress_bar(interactive)],
-        # ~100 points per curve; every step for short runs.
-        log_every_n_steps=max(1, cfg.max_steps // 100),
+        callbacks=[*_callbacks(settings, cfg, stage, interactive), *callbacks, checkpoint, *_progress_bar(interactive)],
+        # ~100 points per curve, every step for short runs; also the host's read interval (NonFiniteGuard).
+        log_every_n_steps=log_every(cfg),
         enable_progress_bar=interactive, enable_model_summary=interactive,
         default_root_dir=str(ckpt_dir),
     )
