@@ -22,17 +22,28 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------- scoping
 class SuccessCriteria(Section):
-    max_val_perplexity: float = Field(80.0, gt=1, description="gate: the candidate's test perplexity must be at most this")
-    min_syntax_valid_rate: float = Field(0.05, ge=0, le=1, description="gate: share of greedy completions that parse (ast)")
+    beat_baseline: Literal["kn3", "unigram", "none"] = Field(
+        "kn3", description="gate: the candidate's primary bits per byte must be significantly below this count "
+                           "baseline's on the same text (kn3: interpolated Kneser-Ney trigram); none skips it")
+    max_bits_per_byte: float | None = Field(None, gt=0, description="gate: the primary bits per byte must be at most this")
+    min_syntax_valid_rate: float = Field(0.05, ge=0, le=1, description="gate: share of greedy completions that are "
+                                                                         "function definitions that parse (ast)")
 
 
 class ScopingConfig(Section):
-    budget_minutes: float = Field(5.0, gt=0, description="pretraining compute budget in wall minutes on this machine")
+    budget_minutes: float = Field(5.0, gt=0, description="wall minutes of the pretrain stage on the device it will "
+                                                         "train on (validation, checkpoints and logging included)")
     budget_flops: float | None = Field(None, gt=0, description="budget in FLOPs; overrides budget_minutes when set")
     tokens_per_param: float = Field(20.0, gt=0, description="Chinchilla ratio D/N")
     max_epochs: float = Field(4.0, gt=0, description="most passes over the training tokens the plan may take")
-    min_params: int = Field(200_000, gt=0, description="smallest sensible model (non-embedding + embedding parameters)")
-    measure_steps: int = Field(3, ge=1, description="training steps timed to measure real throughput")
+    min_params: int = Field(200_000, gt=0, description="smallest sensible model (non-embedding + embedding parameters): "
+                                                     "a smaller optimum is raised to it, one below half of it is refused")
+    measure_steps: int = Field(3, ge=1, description="training steps timed per probed model shape")
+    probe_rounds: int = Field(3, ge=1, le=5, description="model shapes probed at most: the first guess, then the "
+                                                        "optimum the measured throughput points to, until it settles")
+    stage_overhead_s: float = Field(15.0, ge=0, description="seconds of the pretrain stage outside its steps (library "
+                                                            "imports, MLflow run, sample generations, model logging), "
+                                                            "counted against budget_minutes")
     apply: bool = Field(True, description="write the chosen model config for the training stages (data/scoping/model.json)")
     success: SuccessCriteria = Field(default_factory=SuccessCriteria)
 
@@ -183,16 +194,35 @@ class EvaluateConfig(Section):
     pass_k: list[int] = Field(default_factory=lambda: [1, 4])
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    test_batches: int = Field(16, ge=1, description="test-token batches for perplexity")
-    primary_metric: str = Field("test_perplexity", description="the metric a challenger must improve")
+    test_batches: int = Field(16, ge=1, description="test windows for the (per-token, tokenizer-bound) perplexity shown alongside")
+    test_max_bytes: int | None = Field(None, gt=0, description="test-split bits per byte over the first documents up to "
+                                                              "this many UTF-8 bytes; null: the whole split")
+    primary_metric: Literal["sft_bits_per_byte", "test_bits_per_byte"] = Field(
+        "sft_bits_per_byte", description="the metric a challenger must significantly improve: bits per byte of the "
+                                         "held-out SFT responses given their prompts, or of the raw test split")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="gate: confidence of the paired bootstrap interval")
+    bootstrap_samples: int = Field(2000, ge=100, description="gate: bootstrap resamples of the held-out documents")
     tolerances: dict[str, float] = Field(
-        default_factory=lambda: {"test_perplexity": 0.05, "syntax_valid_rate": 0.05},
-        description="relative (perplexity) or absolute (rates) slack before a regression blocks promotion")
+        default_factory=lambda: {"test_bits_per_byte": 0.02, "syntax_valid_rate": 0.05},
+        description="relative (bits per byte, lower is better) or absolute (rates) slack before a regression blocks promotion")
+
+    @field_validator("tolerances")
+    @classmethod
+    def _gated_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        known = {"sft_bits_per_byte", "test_bits_per_byte", "syntax_valid_rate"}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown gated metric(s) {unknown}; the gate scores {sorted(known)}")
+        return v
 
 
 class RegistryConfig(Section):
     model_name: str = "llmcycle"
     reward_model_name: str = "llmcycle-reward"
+    request_timeout_s: float = Field(10.0, gt=0, description="a remote MLflow server: seconds per HTTP request "
+                                                             "(MLFLOW_HTTP_REQUEST_TIMEOUT wins when set)")
+    request_max_retries: int = Field(2, ge=0, description="HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES wins)")
+    request_backoff_factor: float = Field(1.0, ge=0, description="HTTP retry backoff (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR wins)")
 
 
 class RateLimitConfig(Section):

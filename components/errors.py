@@ -20,3 +20,12 @@ class TrainingError(RuntimeError):
     """A training stage that cannot go on: NaN loss, empty dataset, mismatched tokenizer. Exit code 1."""
 
     exit_code = 1
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or read (server down, locked database, registry error). Exit code 1.
+
+    Raised instead of guessing: a registry that cannot be read is never taken to mean "no champion".
+    """
+
+    exit_code = 1

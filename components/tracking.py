@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import yaml
 
 from components.config import Settings
+from components.errors import TrackingError
 
 EXPERIMENT = "llmcycle"
 PARENT_ENV = "LLMCYCLE_PARENT_RUN_ID"
@@ -49,11 +50,18 @@ def artifact_location(settings: Settings) -> str:
 
 
 def configure(settings: Settings) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    """Point MLflow at the project's store and experiment; returns the experiment id.
+
+    A remote store is probed first (check_reachable), so a wrong URI or a stopped server is one clear
+    TrackingError within seconds, not minutes of client retries and a traceback.
+    """
     quiet_env()
     import mlflow
 
     uri = tracking_uri(settings)
+    if uri.startswith(("http://", "https://")):
+        bound_http_retries(settings)
+        check_reachable(uri, settings.registry.request_timeout_s)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         settings.path("mlflow", "artifacts").mkdir(parents=True, exist_ok=True)
@@ -62,14 +70,60 @@ def configure(settings: Settings) -> str:
     mlflow.set_registry_uri(uri)
     _LAST_SET_URI = uri
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        location = artifact_location(settings) if uri.startswith("sqlite:") else None
-        exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
+    try:
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            location = artifact_location(settings) if uri.startswith("sqlite:") else None
+            exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+    except Exception as exc:  # noqa: BLE001 - a locked or broken store: one clear line, not a traceback
+        raise store_error(f"opening experiment {EXPERIMENT!r} at {uri}", exc) from None
     return exp_id
+
+
+# Environment names MLflow's REST client reads; params set their defaults, the environment wins.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "request_max_retries",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "request_backoff_factor",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s"}
+_REACHABLE: set[str] = set()
+
+
+def bound_http_retries(settings: Settings) -> None:
+    """Cap MLflow's REST retries (its defaults back off for minutes) from registry.* unless the env sets them."""
+    for env, key in HTTP_ENV.items():
+        os.environ.setdefault(env, str(getattr(settings.registry, key)))
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """GET <uri>/health once per process; TrackingError naming the URI when nothing answers.
+
+    Any HTTP answer (even 401/403 from an auth proxy) proves a server is there: credentials are
+    then MLflow's to judge, with its own clear message.
+    """
+    import urllib.error
+    import urllib.request
+
+    if uri in _REACHABLE:
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); check MLFLOW_TRACKING_URI and that the "
+            f"server runs (timeout {timeout_s:g} s: registry.request_timeout_s or MLFLOW_HTTP_REQUEST_TIMEOUT)"
+        ) from None
+    _REACHABLE.add(uri)
+
+
+def store_error(what: str, exc: Exception) -> TrackingError:
+    """A one-line TrackingError for a failed store call (the first line of MLflow's message)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return TrackingError(f"{what}: the MLflow store failed ({type(exc).__name__}: {first})")
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -180,22 +234,81 @@ def child_runs(settings: Settings, parent_run_id: str) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- registry
-def register_model(settings: Settings, model_uri: str, name: str, stage: str,
-                   parent_version: str | None = None, description: str = "") -> Any:
-    """Register a logged model and tag the version with its lineage. Returns the ModelVersion."""
+LINEAGE_KEYS = ("git_commit", "git_dirty", "params_hash", "data_hash")
+
+
+def run_id_of(model_uri: str) -> str | None:
+    """<id> of runs:/<id>/<path>, else None."""
+    if not model_uri.startswith("runs:/"):
+        return None
+    return model_uri[len("runs:/"):].split("/", 1)[0] or None
+
+
+def training_lineage(settings: Settings, model_uri: str, max_hops: int = 16) -> dict[str, str] | None:
+    """Lineage of the run that trained the weights at runs:/<id>/...: its git commit, dirty flag, params and
+    data hashes and stage, and parent_version: the registered version the chain of parent_model_uri tags
+    starts from (models:/<name>/<v>, or the version recorded when an alias was resolved), "none" from scratch.
+    None for a model that no run trained (an imported folder).
+    """
+    import mlflow
+
+    run_id = run_id_of(model_uri)
+    if run_id is None:
+        return None
+    client = mlflow.MlflowClient()
+    try:
+        tags = client.get_run(run_id).data.tags
+    except Exception as exc:  # noqa: BLE001 - a registry that cannot tell lineage must not invent it
+        raise store_error(f"reading the training run {run_id}", exc) from None
+    out = {k: tags[k] for k in LINEAGE_KEYS if k in tags}
+    out["stage"] = tags.get("stage", "unknown")
+    out["trained_run_id"] = run_id
+    parent, hop_tags = "none", tags
+    for _ in range(max_hops):  # walk sft -> pretrain -> ... until a registered version or scratch
+        uri = hop_tags.get("parent_model_uri", "")
+        if hop_tags.get("parent_model_version"):
+            parent = hop_tags["parent_model_version"]
+            break
+        if uri.startswith("models:/") and "@" not in uri:
+            parent = uri.rsplit("/", 1)[1]
+            break
+        hop = run_id_of(uri)
+        if hop is None:
+            break
+        hop_tags = client.get_run(hop).data.tags
+    out["parent_version"] = parent
+    return out
+
+
+def register_model(settings: Settings, model_uri: str, name: str, stage: str | None = None,
+                   parent_version: str | None = None, description: str = "",
+                   extra_tags: dict[str, str] | None = None) -> Any:
+    """Register a logged model, tagged in the same call with the lineage of the run that trained it.
+
+    A model no run trained (an imported folder) gets today's lineage and stage "imported". stage and
+    parent_version, when given, override what the run says. Returns the ModelVersion.
+    """
     configure(settings)
     import mlflow
 
-    mv = mlflow.register_model(model_uri, name)
-    client = mlflow.MlflowClient()
-    tags = lineage_tags(settings, stage)
-    tags["parent_version"] = parent_version or "none"
-    for key in ("git_commit", "git_dirty", "params_hash", "data_hash", "stage", "parent_version"):
-        client.set_model_version_tag(name, mv.version, key, tags[key])
-    trained_on = (f"Trained on data.source={settings.data.source} (data_hash {tags['data_hash']} from dvc.lock), "
-                  f"params_hash {tags['params_hash']}, git {tags['git_commit'][:12]}"
-                  f"{' (dirty)' if tags['git_dirty'] == 'true' else ''}; stage {stage}.")
-    client.update_model_version(name, mv.version, description=f"{description}\n\n{trained_on}".strip())
+    trained = training_lineage(settings, model_uri)
+    if trained is None:
+        now = lineage_tags(settings)
+        trained = {**{k: now[k] for k in LINEAGE_KEYS}, "stage": "imported", "parent_version": "none"}
+    if stage:
+        trained["stage"] = stage
+    if parent_version:
+        trained["parent_version"] = parent_version
+    tags = {**trained, **(extra_tags or {})}
+    summary = (f"Trained on data.source={settings.data.source} (data_hash {trained.get('data_hash', '?')} from "
+               f"dvc.lock), params_hash {trained.get('params_hash', '?')}, git {trained.get('git_commit', '?')[:12]}"
+               f"{' (dirty)' if trained.get('git_dirty') == 'true' else ''}; stage {trained['stage']}"
+               f"{', run ' + trained['trained_run_id'] if 'trained_run_id' in trained else ''}.")
+    try:
+        mv = mlflow.register_model(model_uri, name, tags=tags)
+        mlflow.MlflowClient().update_model_version(name, mv.version, description=f"{description}\n\n{summary}".strip())
+    except Exception as exc:  # noqa: BLE001
+        raise store_error(f"registering {model_uri} as {name}", exc) from None
     return mv
 
 
@@ -205,15 +318,31 @@ def set_alias(settings: Settings, name: str, alias: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
+def alias_missing(exc: Exception) -> bool:
+    """True only for MLflow's "no such model" / "no such alias" answers, never for a store failure."""
+    code = getattr(exc, "error_code", "")
+    text = str(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text)
+
+
 def get_alias_version(settings: Settings, name: str, alias: str) -> Any | None:
-    """The ModelVersion behind an alias, or None when the model or alias does not exist."""
+    """The ModelVersion behind an alias; None only when the model or the alias truly does not exist.
+
+    Any other failure (a locked database, a server outage) raises TrackingError: the gate must stop,
+    not mistake an unreadable registry for "no champion yet".
+    """
     configure(settings)
     import mlflow
     from mlflow.exceptions import MlflowException
     try:
         return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if alias_missing(exc):
+            return None
+        raise store_error(f"reading alias {name}@{alias}", exc) from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy / requests errors below MLflow's own type
+        raise store_error(f"reading alias {name}@{alias}", exc) from None
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -234,6 +363,11 @@ def log_hf_model(model: Any, tokenizer: Any, task: str = "text-generation", name
         raise RuntimeError("log_hf_model needs an active MLflow run (use tracking.stage_run)")
     if parent_uri:
         mlflow.set_tag("parent_model_uri", parent_uri)
+        if parent_uri.startswith("models:/") and "@" in parent_uri:
+            # An alias moves: record the version it named when these weights started from it.
+            name, alias = parent_uri[len("models:/"):].split("@", 1)
+            client = mlflow.MlflowClient()
+            mlflow.set_tag("parent_model_version", str(client.get_model_version_by_alias(name, alias).version))
     mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer}, name=name, task=task,
         pip_requirements=MODEL_PIP_REQUIREMENTS, save_pretrained=True,

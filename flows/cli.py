@@ -47,14 +47,14 @@ def handles_errors(fn: Callable) -> Callable:
     """Map the project's error types to one-line messages and exit codes (2 usage, 1 failure)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from components.errors import ConfigError, DataError, TrainingError
+        from components.errors import ConfigError, DataError, TrackingError, TrainingError
         from components.evaluation.gate import GateError
 
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             fail(str(exc), 2)
-        except (DataError, TrainingError, GateError) as exc:
+        except (DataError, TrainingError, GateError, TrackingError) as exc:
             fail(str(exc), 1)
         except KeyboardInterrupt:
             fail("interrupted (the last checkpoint is kept; `--resume` continues)", 130)
@@ -62,10 +62,17 @@ def handles_errors(fn: Callable) -> Callable:
 
 
 def load_settings(config: str, overrides: Optional[List[str]]):
+    """Validated settings; a remote MLflow server that does not answer fails here, before any flow starts."""
     prepare_env(config)
     from components import config as cfg
+    from components import tracking
 
-    return cfg.load(config, overrides or [])
+    settings = cfg.load(config, overrides or [])
+    uri = tracking.tracking_uri(settings)
+    if uri.startswith(("http://", "https://")):
+        tracking.bound_http_retries(settings)
+        tracking.check_reachable(uri, settings.registry.request_timeout_s)
+    return settings
 
 
 def write_report(settings, stage: str, stats: dict) -> None:
@@ -152,12 +159,14 @@ def evaluate(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
 @app.command()
 @handles_errors
-def promote(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
-    """Register the newest evaluated model and gate it against the champion (a reject exits 0)."""
+def promote(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+            model: Optional[str] = typer.Option(None, "--model", help="gate the newest evaluation of this model URI / folder"),
+            label: Optional[str] = typer.Option(None, "--label", help="gate the newest evaluation with this --label")) -> None:
+    """Register the newest evaluated model (or --model / --label's) and gate it against the champion (a reject exits 0)."""
     load_settings(config, set_)
     from flows.deploy import deploy_flow
 
-    r = deploy_flow(config, set_ or [])
+    r = deploy_flow(config, set_ or [], model_uri=model, label=label)
     print_table(f"gate: {r['decision']}", [("version", r["version"]), ("reason", r["reason"]),
                                           ("champion", r["champion"]), ("previous", r["previous"]),
                                           ("challenger", r["challenger"]), ("decision reused", str(r["reused"])),

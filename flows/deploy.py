@@ -23,18 +23,20 @@ def register_task(config: str, overrides: list[str], model_uri: str, metrics: di
 
 
 @task(name="gate")
-def gate_task(config: str, overrides: list[str], version: str, metrics: dict[str, float]) -> dict:
+def gate_task(config: str, overrides: list[str], version: str) -> dict:
     from components.evaluation import promotion
 
-    result = promotion.promote(cfg.load(config, overrides), version, metrics)
+    result = promotion.promote(cfg.load(config, overrides), version)
     return {k: result.get(k) for k in ("decision", "reason", "version", "champion", "previous", "challenger",
-                                       "reused")}
+                                       "reused", "scored")}
 
 
 @flow(name="deploy", log_prints=True)
 def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None, model_uri: str | None = None,
-                eval_metrics: dict[str, float] | None = None, eval_run_id: str | None = None) -> dict:
-    """Register + gate + aliases. Without model_uri/eval_metrics, the newest evaluate run supplies them.
+                eval_metrics: dict[str, float] | None = None, eval_run_id: str | None = None,
+                label: str | None = None) -> dict:
+    """Register + gate + aliases. Without eval_metrics, the newest evaluate run (of label, or of model_uri
+    when given) supplies model URI, metrics and run id.
 
     Returns {decision, reason, version, champion, previous, challenger, reused, deploy_run_id}.
     """
@@ -43,17 +45,19 @@ def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None,
 
     overrides = overrides or []
     settings = cfg.load(config, overrides)
-    if model_uri is None or eval_metrics is None:
-        latest = promotion.latest_evaluation(settings)
+    if eval_metrics is None:
+        latest = promotion.latest_evaluation(settings, label=label, model_uri=model_uri)
         if latest is None:
-            raise ConfigError("promote: no finished evaluate run in MLflow; run `llmcycle evaluate` first")
+            which = f" of --label {label}" if label else f" of --model {model_uri}" if model_uri else ""
+            raise ConfigError(f"promote: no finished evaluate run{which} in MLflow; run `llmcycle evaluate"
+                              f"{' --label ' + label if label else ''}{' --model ' + model_uri if model_uri else ''}` first")
         model_uri = model_uri or latest["model_uri"]
         eval_metrics = eval_metrics if eval_metrics is not None else latest["metrics"]
         eval_run_id = eval_run_id or latest["run_id"]
     with tracking.stage_run(settings, "deploy", tags={"model_uri": model_uri, "eval_run_id": eval_run_id or "none"}
                             ) as run:
         version = register_task(config, overrides, model_uri, eval_metrics, eval_run_id)
-        result = gate_task(config, overrides, version, eval_metrics)
+        result = gate_task(config, overrides, version)
     print(f"gate: {result['decision']} {settings.registry.model_name} v{result['version']}"
           f"{' (recorded decision reused)' if result.get('reused') else ''}: {result['reason']}")
     return {**result, "deploy_run_id": run.info.run_id}

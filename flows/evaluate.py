@@ -16,9 +16,9 @@ TRANSIENT = ("database is locked", "temporarily unavailable", "timed out", "time
 
 def is_transient(exc: BaseException | None) -> bool:
     """True for MLflow / database / network errors that a retry can cure; never for our own errors."""
-    from components.errors import ConfigError, DataError, TrainingError
+    from components.errors import ConfigError, DataError, TrackingError, TrainingError
 
-    if exc is None or isinstance(exc, (ConfigError, DataError, TrainingError)):
+    if exc is None or isinstance(exc, (ConfigError, DataError, TrainingError, TrackingError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -51,6 +51,7 @@ def evaluate_flow(config: str = "params.yaml", overrides: list[str] | None = Non
     """Evaluate model_uri (default: the last fine-tuning stage's HF folder); {run_id, model_uri, metrics}."""
     result = evaluate_task(config, overrides or [], model_uri, label)
     m = result["metrics"]
-    print(f"evaluate {result['model_uri']}: test_perplexity {m['test_perplexity']:.4g} "
-          f"(KN3 {m['baseline_kn3_perplexity']:.4g}), syntax_valid_rate {m['syntax_valid_rate']:.3f}")
+    print(f"evaluate {result['model_uri']}: sft_bits_per_byte {m['sft_bits_per_byte']:.4g} "
+          f"(KN3 {m['baseline_kn3_sft_bits_per_byte']:.4g}), test_bits_per_byte {m['test_bits_per_byte']:.4g} "
+          f"(KN3 {m['baseline_kn3_test_bits_per_byte']:.4g}), syntax_valid_rate {m['syntax_valid_rate']:.3f}")
     return result

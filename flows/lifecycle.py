@@ -42,13 +42,11 @@ def lifecycle(config: str = "params.yaml", overrides: list[str] | None = None) -
             result["tracking_uri"] = tracking.tracking_uri(settings)
             return result
         result.update(_training(train_params))
-        if "finetune" in result:
-            # The same overrides as training, so the registered version's params_hash matches the model.
-            ev = evaluate_flow(train_params.config, train_params.overrides,
-                               model_uri=result["finetune"]["model_uri"])
-            result["evaluate"] = ev
-            result["deploy"] = deploy_flow(train_params.config, train_params.overrides, ev["model_uri"],
-                                           ev["metrics"], eval_run_id=ev["run_id"])
+        # The same overrides as training, so the evaluation reads the data the model was trained on.
+        ev = evaluate_flow(train_params.config, train_params.overrides, model_uri=result["finetune"]["model_uri"])
+        result["evaluate"] = ev
+        result["deploy"] = deploy_flow(train_params.config, train_params.overrides, ev["model_uri"],
+                                       ev["metrics"], eval_run_id=ev["run_id"])
     result["tracking_uri"] = tracking.tracking_uri(settings)
     return result
 
@@ -62,7 +60,11 @@ def _with_scoped_steps(params: LifecycleParams, settings: Settings, scoping: dic
 
 
 def _registered_already(params: LifecycleParams) -> dict | None:
-    """The registered version (and its gate decision) built from exactly this commit, data and params."""
+    """The registered version built from exactly this commit, data and params, gated (again if need be).
+
+    A version registered but never gated (the last run died between register and gate) is gated now;
+    one whose decision took effect keeps it (promotion.promote reuses it).
+    """
     from components import config as cfg
     from components.evaluation.promotion import find_duplicate
 
@@ -70,21 +72,19 @@ def _registered_already(params: LifecycleParams) -> dict | None:
     mv = find_duplicate(settings)
     if mv is None:
         return None
-    from components.tracking import get_alias_version
-
-    champ = get_alias_version(settings, settings.registry.model_name, "champion")
+    name = settings.registry.model_name
     print(f"up to date: version {mv.version} was built from this commit, data and params; not retrained")
-    return {"decision": mv.tags.get("gate_decision", "unknown"), "version": mv.version,
-            "reason": "reused: " + mv.tags.get("gate_reason", ""), "champion": champ.version if champ else None,
-            "reused": True}
+    result = deploy_flow(params.config, params.overrides, f"models:/{name}/{mv.version}", {},
+                         eval_run_id=(mv.tags or {}).get("eval_run_id"))
+    if not result.get("reused"):
+        print(f"version {mv.version} had no gate decision in effect: gated now ({result['decision']})")
+    return result
 
 
 def _training(params: LifecycleParams) -> dict:
-    """Pretrain and fine-tune subflows (flows/train.py), when the training stages are installed."""
-    try:
-        from flows.train import finetune_flow, pretrain_flow
-    except ImportError:  # the training stages are not part of this build yet
-        return {}
+    """Pretrain and fine-tune subflows (flows/train.py); any failure fails the lifecycle."""
+    from flows.train import finetune_flow, pretrain_flow
+
     out = {"pretrain": pretrain_flow(params.config, params.overrides)}
     out["finetune"] = finetune_flow(params.config, params.overrides)
     return out
@@ -112,9 +112,12 @@ def print_summary(settings: Settings, result: dict) -> None:
     ev = result.get("evaluate")
     if ev:
         m = ev["metrics"]
-        rows.append(("evaluation", f"test ppl {m.get('test_perplexity', float('nan')):.2f} vs KN-trigram "
-                                   f"{m.get('baseline_kn3_perplexity', float('nan')):.2f}; syntax-valid "
-                                   f"{m.get('syntax_valid_rate', float('nan')):.2f}"))
+        nan = float("nan")
+        rows.append(("evaluation", f"SFT bits/byte {m.get('sft_bits_per_byte', nan):.3f} vs KN-trigram "
+                                   f"{m.get('baseline_kn3_sft_bits_per_byte', nan):.3f}; test bits/byte "
+                                   f"{m.get('test_bits_per_byte', nan):.3f} vs "
+                                   f"{m.get('baseline_kn3_test_bits_per_byte', nan):.3f}; syntax-valid "
+                                   f"{m.get('syntax_valid_rate', nan):.2f}"))
     d = result.get("deploy")
     if d:
         rows += [("gate", f"{d['decision']} v{d['version']}: {d['reason']}"),

@@ -4,7 +4,7 @@ Extraction uses `ast`: top-level and class-level functions with a docstring (dun
 skipped: "write a function `__repr__(self)`" is not a standalone task). Corruptions are
 deterministic per function id and seed: `truncated` (cut until it no longer parses), `other_body`
 (this signature + docstring over another function's body, which still parses: a hard negative),
-`shuffled` (body statements reordered). `parses` and `defines_name` are the verifiable scores.
+`shuffled` (body statements reordered). The verifiable scores live in components/evaluation/scorers.py.
 """
 from __future__ import annotations
 
@@ -32,22 +32,14 @@ class Function:
         return sft_prompt(self.signature, self.summary)
 
 
-def parses(code: str) -> bool:
-    """Does `code` parse as Python?"""
+def is_valid_python(code: str) -> bool:
+    """Does `code` parse as Python, exactly as written? (Building corruptions; completions are judged by
+    components.evaluation.scorers.parses, which also asks for a function definition.)"""
     try:
         ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     return True
-
-
-def defines_name(code: str, name: str) -> bool:
-    """Does `code` parse and define a function (at any depth) called `name`?"""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in ast.walk(tree))
 
 
 def sft_prompt(signature: str, summary: str) -> str:
@@ -106,7 +98,7 @@ def extract_functions(source: str, doc_id: str = "") -> list[Function]:
         if not summary or summary.startswith(node.name + "("):
             continue
         text = _dedent_node(lines, node)
-        if text is None or not parses(text):
+        if text is None or not is_valid_python(text):
             continue
         used[qualname] = used.get(qualname, 0) + 1
         suffix = f"#{used[qualname]}" if used[qualname] > 1 else ""
@@ -165,7 +157,7 @@ def truncated(source: str, rng: random.Random) -> str:
     hi = max(lo, code_start + int(span * 0.9))
     for _ in range(20):
         cut = source[: rng.randint(lo, hi)].rstrip()
-        if cut and cut != source and not parses(cut):
+        if cut and cut != source and not is_valid_python(cut):
             return cut
     # The signature alone never parses ("expected an indented block"): a guaranteed fallback.
     head = "".join(lines[: node.body[0].lineno - 1]).rstrip()
@@ -192,7 +184,7 @@ def other_body(fn: Function, pool: list[Function], rng: random.Random) -> str | 
         moved = "".join(indent + line[len(their_indent):] if line.startswith(their_indent) and line.strip()
                         else line for line in lines)
         code = (head + moved).rstrip()
-        if code != fn.source and parses(code):
+        if code != fn.source and is_valid_python(code):
             return code
     return None
 
@@ -211,10 +203,10 @@ def shuffled(source: str, rng: random.Random) -> str | None:
         rng.shuffle(order)
         if "".join(order) != original:
             code = (head + "".join(order)).rstrip()
-            return code if parses(code) else None
+            return code if is_valid_python(code) else None
     order = chunks[1:] + chunks[:1]     # rotation: differs because at least two chunks differ
     code = (head + "".join(order)).rstrip()
-    return code if code != source and parses(code) else None
+    return code if code != source and is_valid_python(code) else None
 
 
 def corrupt(fn: Function, kind: str, pool: list[Function], rng: random.Random) -> str | None:

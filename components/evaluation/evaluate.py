@@ -49,13 +49,13 @@ def load_tokens(settings: Settings, split: str) -> tuple[np.ndarray, dict]:
 
 def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """The first `limit` JSON rows of a JSONL file (file order: deterministic)."""
+    from components.data import io
+
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
+    for _, row in io.read_jsonl(path):
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 
@@ -95,14 +95,14 @@ def eval_windows(ids: np.ndarray, block: int, n: int) -> np.ndarray:
 @torch.inference_mode()
 def model_perplexity(model: Any, windows: np.ndarray, device: torch.device) -> float:
     """exp(mean next-token NLL) over every window's tokens 1..T (token 0 has no context)."""
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(windows), EVAL_BATCH):
         w = torch.as_tensor(windows[i:i + EVAL_BATCH], device=device)              # (B, T+1)
         logits = model(input_ids=w[:, :-1]).logits.float()                       # (B, T, V)
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
                                                 reduction="sum")
-        total, count = total + float(nll), count + w[:, 1:].numel()
-    return math.exp(total / count)
+        total, count = total + nll.double(), count + w[:, 1:].numel()       # stays on the device: no sync per batch
+    return math.exp(float(total) / count)
 
 
 def baseline_perplexities(train: np.ndarray, windows: np.ndarray, vocab_size: int) -> dict[str, float]:
@@ -125,23 +125,19 @@ def _n_tokens(tokenizer: Any, completion: str, cap: int) -> int:
     return min(cap, len(tokenizer.encode(completion, add_special_tokens=False)) + 1)
 
 
-def greedy_completions(model: Any, tokenizer: Any, prompts: list[str], max_new: int) -> tuple[list[str], dict]:
-    """Greedy completions of chat-formatted prompts, batched; plus tokens/s and batch-1 ms/token."""
+def generation_speed(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], wall_s: float,
+                     max_new: int) -> dict:
+    """Batched tokens/s of completions already generated in wall_s, and batch-1 ms/token measured now."""
     from components.model.generation import generate
 
-    t0 = time.perf_counter()
-    out: list[str] = []
-    for i in range(0, len(prompts), EVAL_BATCH):
-        out += generate(model, tokenizer, prompts[i:i + EVAL_BATCH], max_new_tokens=max_new, temperature=0.0)
-    wall = time.perf_counter() - t0
-    tokens = sum(_n_tokens(tokenizer, c, max_new) for c in out)
+    tokens = sum(_n_tokens(tokenizer, c, max_new) for c in completions)
     # Latency as a single caller sees it: one prompt at a time, no batching to hide per-step cost.
     t1, single_tokens = time.perf_counter(), 0
     for prompt in prompts[:LATENCY_PROMPTS]:
         single_tokens += _n_tokens(tokenizer, generate(model, tokenizer, [prompt], max_new_tokens=max_new)[0], max_new)
     single_wall = time.perf_counter() - t1
-    return out, {"generation_tokens_per_s": tokens / wall,
-                 "generation_ms_per_token": 1000.0 * single_wall / max(1, single_tokens)}
+    return {"generation_tokens_per_s": tokens / max(wall_s, 1e-9),
+            "generation_ms_per_token": 1000.0 * single_wall / max(1, single_tokens)}
 
 
 def pass_at_k_metrics(model: Any, tokenizer: Any, prompts: list[str], names: list[str], cfg: Any) -> dict:
@@ -210,10 +206,8 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
     """
     import mlflow
 
-    from components.data.tokenizer import format_prompt
-    from components.evaluation import report
+    from components.evaluation import report, scorecard
     from components.evaluation.quantize import compare_int8
-    from components.evaluation.scorers import score_completions
 
     cfg = settings.evaluate
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label.startswith("."):
@@ -234,18 +228,20 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
 
     with tracking.stage_run(settings, "evaluate", params={"evaluate": cfg.model_dump(mode="json"), "label": label},
                             tags={"model_uri": uri, "eval_label": label, **_version_tag(settings, uri)}) as active:
+        # The gate's numbers first: bits per byte (per document, baselines alongside) and syntax validity.
+        card, ex = scorecard.score(settings, model, tokenizer, device, baselines=True)
+        metrics.update(card.metrics)
+        mlflow.log_dict(scorecard.card_to_json(card), scorecard.ARTIFACT)
+        mlflow.set_tag("eval_params_hash", scorecard.eval_params_hash(settings))
+        # Per-token perplexity alongside: readable, but bound to this tokenizer (never gated on).
         windows = eval_windows(test, int(model.config.max_position_embeddings), cfg.test_batches)
         metrics["test_perplexity"] = model_perplexity(model, windows, device)
         metrics.update(baseline_perplexities(train, windows, int(meta["vocab_size"])))
 
-        rows = read_rows(sft_path, cfg.n_prompts)
-        prompts = [format_prompt(tokenizer, r["prompt"]) for r in rows]
+        rows, prompts, completions, scored = ex["rows"], ex["prompts"], ex["completions"], ex["checks"]
         names = [r.get("name", "") for r in rows]
-        completions, speed = greedy_completions(model, tokenizer, prompts, cfg.max_new_tokens)
-        scored = score_completions(names, completions)
-        metrics["syntax_valid_rate"] = float(np.mean([s["syntax_valid"] for s in scored]))
-        metrics["defines_name_rate"] = float(np.mean([s["defines_name"] for s in scored]))
-        metrics.update(speed)
+        metrics.update(generation_speed(model, tokenizer, prompts, completions, ex["generation_wall_s"],
+                                        cfg.max_new_tokens))
         metrics.update(pass_at_k_metrics(model, tokenizer, prompts, names, cfg))
 
         metrics.update(_reward_part(settings, tokenizer, [r["prompt"] for r in rows], completions, device, skipped))

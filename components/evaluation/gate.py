@@ -1,6 +1,8 @@
-"""Champion/challenger promotion gate: a pure decision over metric dicts, then registry alias moves.
+"""Champion/challenger promotion gate: a pure decision over two scorecards, then registry alias moves.
 
-`decide` is pure (tested with constructed numbers); `apply_decision` and `rollback` are the only
+`decide` is pure (tested with constructed scores): the primary metric is bits per byte, compared
+by a paired bootstrap over documents scored for both models on the same text (significance.py);
+secondary metrics keep their tolerances. `apply_decision` and `rollback` are the only
 parts that touch the MLflow registry. Aliases: `champion` (served), `challenger` (last gated
 candidate), `previous` (the champion before the last promotion, the rollback target).
 """
@@ -10,15 +12,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.config import Settings, SuccessCriteria
+import numpy as np
+
+from components.config import EvaluateConfig, Settings, SuccessCriteria
+from components.evaluation.bpb import DocScores
+from components.evaluation.significance import paired_bootstrap
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-# The metrics the success criteria read from the candidate.
-CRITERIA_METRICS = ("test_perplexity", "syntax_valid_rate")
+BOOTSTRAP_SEED = 1337
 
 
 class GateError(ValueError):
-    """The gate cannot decide (a metric is missing) or cannot act (no rollback target). Exit code 1."""
+    """The gate cannot decide (a metric is missing, scores not comparable) or act (no rollback target). Exit 1."""
 
     exit_code = 1
 
@@ -30,22 +35,29 @@ class GateDecision:
     compared: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class Scorecard:
+    """What the gate knows of one model on the current evaluation data.
+
+    metrics: sft_bits_per_byte, test_bits_per_byte, syntax_valid_rate (+ baselines);
+    docs: per-document DocScores of "sft" and "test", and of the count baselines as "sft.kn3", "test.unigram", ...
+    """
+    metrics: dict[str, float]
+    docs: dict[str, DocScores] = field(default_factory=dict)
+
+
 def lower_is_better(metric: str) -> bool:
-    """Direction registry: perplexity, loss and latency go down when a model improves; the rest go up."""
+    """Direction registry: bits, perplexity, loss and latency go down when a model improves; the rest go up."""
     m = metric.lower()
-    return any(word in m for word in ("perplexity", "loss", "latency"))
+    return any(word in m for word in ("bits_per_byte", "perplexity", "loss", "latency"))
 
 
 def _within(cand: float, champ: float, tol: float, metric: str) -> bool:
-    # Lower-better metrics scale (a perplexity of 50 vs 5), so their slack is relative;
+    # Lower-better metrics scale (2.1 vs 1.4 bits per byte), so their slack is relative;
     # rates live in [0, 1], so an absolute slack reads directly as percentage points.
     if lower_is_better(metric):
         return cand <= champ * (1.0 + tol)
     return cand >= champ - tol
-
-
-def _better(cand: float, champ: float, metric: str) -> bool:
-    return cand < champ if lower_is_better(metric) else cand > champ
 
 
 def _get(metrics: dict[str, float], metric: str, who: str) -> float:
@@ -55,53 +67,93 @@ def _get(metrics: dict[str, float], metric: str, who: str) -> float:
     return float(value)
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, criteria: SuccessCriteria,
-           tolerances: dict[str, float], primary: str) -> GateDecision:
-    """Promote or reject a candidate against the success criteria and (when present) the champion.
+def _docs(card: Scorecard, key: str, who: str) -> DocScores:
+    if key not in card.docs:
+        raise GateError(f"gate: the {who} has no per-document scores for {key!r}")
+    return card.docs[key]
 
-    Gated metrics are the tolerance keys plus the primary metric. The candidate must meet the
-    criteria; with a champion it must also stay within tolerance on every gated metric and be
-    strictly better on the primary one. A metric missing on either side raises GateError.
-    """
-    compared: dict[str, dict[str, Any]] = {}
-    failures: list[str] = []
 
-    ppl = _get(candidate, "test_perplexity", "candidate")
-    rate = _get(candidate, "syntax_valid_rate", "candidate")
-    compared["criteria.test_perplexity"] = {"candidate": ppl, "limit": criteria.max_val_perplexity,
-                                            "ok": ppl <= criteria.max_val_perplexity}
+def _paired(a: DocScores, b: DocScores, what: str, cfg: EvaluateConfig) -> Any:
+    """Paired bootstrap of a against b; GateError unless both scored the very same documents."""
+    if a.ids != b.ids or not np.array_equal(a.nbytes, b.nbytes):
+        raise GateError(f"gate: {what}: the two sides were scored on different documents "
+                        f"({len(a.ids)} vs {len(b.ids)}); scores are not comparable")
+    return paired_bootstrap(a.bits, b.bits, a.nbytes, cfg.confidence, cfg.bootstrap_samples, BOOTSTRAP_SEED)
+
+
+def _interval_fields(iv: Any) -> dict[str, Any]:
+    return {"delta": iv.delta, "low": iv.low, "high": iv.high, "confidence": iv.confidence, "docs": iv.n_docs,
+            "significant": iv.a_better}
+
+
+def criteria_failures(cand: Scorecard, criteria: SuccessCriteria, cfg: EvaluateConfig,
+                      compared: dict[str, dict[str, Any]]) -> list[str]:
+    """The success criteria every candidate must meet, the first one too (scoping.success.*)."""
+    failures = []
+    primary = cfg.primary_metric
+    split = primary.split("_", 1)[0]                       # sft_bits_per_byte -> "sft"
+    value = _get(cand.metrics, primary, "candidate")
+    rate = _get(cand.metrics, "syntax_valid_rate", "candidate")
     compared["criteria.syntax_valid_rate"] = {"candidate": rate, "limit": criteria.min_syntax_valid_rate,
                                               "ok": rate >= criteria.min_syntax_valid_rate}
-    if ppl > criteria.max_val_perplexity:
-        failures.append(f"test_perplexity {ppl:.4g} > max {criteria.max_val_perplexity:.4g}")
     if rate < criteria.min_syntax_valid_rate:
         failures.append(f"syntax_valid_rate {rate:.4g} < min {criteria.min_syntax_valid_rate:.4g}")
+    if criteria.max_bits_per_byte is not None:
+        ok = value <= criteria.max_bits_per_byte
+        compared[f"criteria.{primary}"] = {"candidate": value, "limit": criteria.max_bits_per_byte, "ok": ok}
+        if not ok:
+            failures.append(f"{primary} {value:.4g} > max {criteria.max_bits_per_byte:.4g}")
+    if criteria.beat_baseline != "none":
+        base = criteria.beat_baseline
+        iv = _paired(_docs(cand, split, "candidate"), _docs(cand, f"{split}.{base}", "candidate"),
+                     f"{primary} vs the {base} baseline", cfg)
+        compared[f"criteria.beats_{base}"] = {"candidate": value, "baseline": value - iv.delta, **_interval_fields(iv)}
+        if not iv.a_better:
+            failures.append(f"{primary} does not significantly beat the {base} baseline: "
+                            + iv.describe("candidate", base))
+    return failures
 
+
+def decide(candidate: Scorecard, champion: Scorecard | None, criteria: SuccessCriteria,
+           cfg: EvaluateConfig) -> GateDecision:
+    """Promote or reject a candidate against the success criteria and (when present) the champion.
+
+    Both scorecards must come from the same evaluation data (the gate scores the champion anew).
+    The candidate must meet the criteria; with a champion it must also stay within tolerance on every
+    gated metric and be significantly better on the primary one (paired bootstrap over documents at
+    evaluate.confidence). A gain inside the noise is a reject that says so.
+    """
+    compared: dict[str, dict[str, Any]] = {}
+    failures = criteria_failures(candidate, criteria, cfg, compared)
     if champion is None:
         if failures:
             return GateDecision(False, "no champion; success criteria not met: " + "; ".join(failures), compared)
         return GateDecision(True, "no champion; success criteria met", compared)
 
+    primary = cfg.primary_metric
     # Read every gated metric before judging, so a broken champion fails loudly, not as a reject.
-    gated = list(dict.fromkeys([*tolerances, primary]))
-    values = {m: (_get(candidate, m, "candidate"), _get(champion, m, "champion")) for m in gated}
+    gated = list(dict.fromkeys([*cfg.tolerances, primary]))
+    values = {m: (_get(candidate.metrics, m, "candidate"), _get(champion.metrics, m, "champion")) for m in gated}
     for metric, (cand, champ) in values.items():
-        tol = float(tolerances.get(metric, 0.0))
+        tol = float(cfg.tolerances.get(metric, 0.0))
         ok = _within(cand, champ, tol, metric)
         compared[metric] = {"candidate": cand, "champion": champ, "tolerance": tol,
                             "direction": "lower" if lower_is_better(metric) else "higher", "ok": ok}
         if not ok:
             kind = "relative" if lower_is_better(metric) else "absolute"
             failures.append(f"{metric} regressed: {cand:.4g} vs champion {champ:.4g} (tolerance {tol:g} {kind})")
-    cand, champ = values[primary]
-    compared[primary]["improved"] = _better(cand, champ, primary)
-    if not compared[primary]["improved"]:
-        failures.append(f"primary {primary} not better: {cand:.4g} vs champion {champ:.4g}")
+    split = primary.split("_", 1)[0]
+    iv = _paired(_docs(candidate, split, "candidate"), _docs(champion, split, "champion"), primary, cfg)
+    compared[primary].update(_interval_fields(iv), improved=iv.a_better)
+    if not iv.a_better:
+        verdict = "gain not significant" if iv.delta < 0 else "not better"
+        failures.append(f"primary {primary} {verdict}: {iv.describe()}")
 
     if failures:
         return GateDecision(False, "; ".join(failures), compared)
-    return GateDecision(True, f"{primary} improved {champ:.4g} -> {cand:.4g}; no regression beyond tolerance",
-                        compared)
+    cand, champ = values[primary]
+    return GateDecision(True, f"{primary} improved {champ:.4g} -> {cand:.4g} ({iv.describe()}); "
+                              "no regression beyond tolerance", compared)
 
 
 def decision_tags(decision: GateDecision) -> dict[str, str]:

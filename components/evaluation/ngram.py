@@ -109,8 +109,8 @@ class KneserNeyTrigram:
         """Natural-log probability of one token after up to two context tokens."""
         return float(np.log(self.prob(context2, token)[0]))
 
-    def perplexity(self, ids: np.ndarray) -> float:
-        """exp(mean NLL) over ids[1:], each token given up to two previous tokens.
+    def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
+        """ln P(ids[t] | up to two previous tokens) for t = 1..n-1 -> (n - 1,).
 
         ids[0] is not scored (nothing precedes it), as a transformer's loss over a block skips
         its first token; ids[1] is scored by the bigram order, the rest by the trigram.
@@ -122,8 +122,11 @@ class KneserNeyTrigram:
         logp = [np.log(self._p2(ids[:1], ids[1:2]))]
         if ids.size > 2:
             logp.append(np.log(self._p3(ids[:-2], ids[1:-1], ids[2:])))
-        nll = -np.concatenate(logp).mean()
-        return float(math.exp(nll))
+        return np.concatenate(logp)
+
+    def perplexity(self, ids: np.ndarray) -> float:
+        """exp(mean NLL) over ids[1:] (see token_logprobs)."""
+        return float(math.exp(-self.token_logprobs(ids).mean()))
 
     # ------------------------------------------------------------------ helpers
     def _check(self, ids: np.ndarray) -> np.ndarray:
@@ -149,3 +152,22 @@ def unigram_perplexity(train_ids: np.ndarray, test_ids: np.ndarray, vocab_size: 
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
     logp = np.log((counts + 1.0) / (train.size + vocab_size))
     return float(math.exp(-logp[test].mean()))
+
+
+class AddOneUnigram:
+    """Add-one (Laplace) unigram fit on train ids: P(w) = (c(w) + 1) / (N + V); the floor of every model."""
+
+    def __init__(self, train_ids: np.ndarray, vocab_size: int):
+        train = np.asarray(train_ids).astype(np.int64, copy=False).ravel()
+        if train.size and (train.min() < 0 or train.max() >= vocab_size):
+            raise ValueError(f"train_ids: token ids must lie in [0, {vocab_size})")
+        counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
+        self.V = int(vocab_size)
+        self.logp = np.log((counts + 1.0) / (train.size + vocab_size))
+
+    def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
+        """ln P(ids[t]) for t = 1..n-1, the same positions a context model scores -> (n - 1,)."""
+        ids = np.asarray(ids).astype(np.int64, copy=False).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.V):
+            raise ValueError(f"token ids must lie in [0, {self.V})")
+        return self.logp[ids[1:]]

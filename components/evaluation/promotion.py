@@ -1,10 +1,12 @@
 """Promotion: register an evaluated candidate, gate it against the champion, move the aliases.
 
-Evaluation metrics travel with the model version as `metric.<name>` tags (plus `eval_run_id`), so
-the gate reads the champion's numbers from the registry alone. Re-runs are idempotent: before
-registering, a version whose git_commit, data_hash and params_hash equal the current ones (with
-git_dirty=false) is reused, and so is the gate decision it already carries; a dirty or non-git
-checkout always registers, since its code may differ under the same commit.
+The gate never trusts numbers from another day: candidate and champion are both scored on the
+current evaluation data (scorecard.for_version: cached per version, data hash and evaluate params).
+The `metric.<name>` tags a version carries are a record of its own evaluation, not gate inputs.
+Lineage tags come from the run that trained the weights (tracking.register_model). Re-runs are
+idempotent: a version whose git_commit, data_hash and params_hash equal the current ones (with
+git_dirty=false) is reused, and so is a gate decision it already carries and that took effect; a
+version registered but never gated is gated. A dirty or non-git checkout always registers.
 """
 from __future__ import annotations
 
@@ -60,16 +62,19 @@ def find_duplicate(settings: Settings) -> Any | None:
     return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _parent_version(settings: Settings) -> str | None:
-    """The registered version training started from, when model.init_from is models:/<name>@alias|/v."""
-    src = settings.model.init_from
-    prefix = f"models:/{settings.registry.model_name}"
-    if src.startswith(prefix + "@"):
-        mv = tracking.get_alias_version(settings, settings.registry.model_name, src[len(prefix) + 1:])
-        return str(mv.version) if mv else None
-    if src.startswith(prefix + "/"):
-        return src[len(prefix) + 1:]
-    return None
+def _version_of_run(settings: Settings, model_uri: str) -> Any | None:
+    """A version already registered from the very training run behind model_uri (one run, one version)."""
+    import mlflow
+
+    from components.training.stages import parent_model_uri
+
+    run_id = tracking.run_id_of(model_uri if model_uri.startswith(("runs:/", "models:/"))
+                                else parent_model_uri(settings, model_uri))
+    if run_id is None:
+        return None
+    name = settings.registry.model_name
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.trained_run_id = '{run_id}'")
+    return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def registrable_uri(settings: Settings, model_uri: str) -> str:
@@ -101,8 +106,8 @@ def register_candidate(settings: Settings, model_uri: str, stage: str | None = N
                        metrics: dict[str, float] | None = None, eval_run_id: str | None = None) -> str:
     """Register model_uri as a version of registry.model_name (or reuse a duplicate); returns the version.
 
-    stage defaults to finetune.method, parent_version to the version model.init_from names.
-    The version is tagged eval_run_id and metric.<name> for each finite metric.
+    stage and parent_version default to the training run's (tracking.register_model). The version is
+    tagged eval_run_id and metric.<name> for each finite metric at registration, in the same call.
     """
     import mlflow
 
@@ -111,39 +116,40 @@ def register_candidate(settings: Settings, model_uri: str, stage: str | None = N
                    if isinstance(v, (int, float)) and math.isfinite(float(v))}
     if eval_run_id:
         client_tags["eval_run_id"] = eval_run_id
-    dup = find_duplicate(settings)
+    dup = find_duplicate(settings) or _version_of_run(settings, model_uri)
+    if dup is None and model_uri.startswith(f"models:/{name}/"):
+        dup = _client_call(f"reading {model_uri}", lambda c: c.get_model_version(name, model_uri.rsplit("/", 1)[1]))
     if dup is not None:
         version = str(dup.version)
         client_tags = {k: v for k, v in client_tags.items() if k not in (dup.tags or {})}  # fill gaps only
         client_tags["dedup_hits"] = str(int((dup.tags or {}).get("dedup_hits", "0")) + 1)
     else:
-        stage = stage or settings.finetune.method
-        parent = parent_version or _parent_version(settings)
-        mv = tracking.register_model(settings, registrable_uri(settings, model_uri), name, stage, parent,
-                                     description or f"{stage} candidate from {model_uri}"
-                                     + (f", evaluated in run {eval_run_id}" if eval_run_id else ""))
+        mv = tracking.register_model(settings, registrable_uri(settings, model_uri), name, stage,
+                                     parent_version,
+                                     description or f"candidate from {model_uri}"
+                                     + (f", evaluated in run {eval_run_id}" if eval_run_id else ""),
+                                     extra_tags=client_tags)
         version = str(mv.version)
+        client_tags = {}
     client = mlflow.MlflowClient()
     for key, value in client_tags.items():
         client.set_model_version_tag(name, version, key, value)
     return version
 
 
-def promote(settings: Settings, version: str | int, candidate_metrics: dict[str, float] | None = None,
-            reuse_decision: bool = True) -> dict[str, Any]:
+def promote(settings: Settings, version: str | int, reuse_decision: bool = True) -> dict[str, Any]:
     """Gate a registered version against the champion and move aliases (gate.apply_decision).
 
-    candidate_metrics default to the version's metric.* tags. A version that already carries a
-    gate_decision (a deduplicated re-run) returns that decision unless reuse_decision=False.
-    Raises GateError, moving no alias, when the champion has no metric.* tags.
-    Returns {decision, reason, version, champion, previous, challenger, compared, reused}.
+    Both are scored on today's evaluation data (scorecard.for_version). A version whose recorded
+    gate_decision took effect returns that decision unless reuse_decision=False. A registry that
+    cannot be read raises TrackingError before any alias moves.
+    Returns {decision, reason, version, champion, previous, challenger, compared, reused, scored}.
     """
-    import mlflow
+    from components.evaluation import scorecard
 
     tracking.configure(settings)
     name, version = settings.registry.model_name, str(version)
-    client = mlflow.MlflowClient()
-    mv = client.get_model_version(name, version)
+    mv = _client_call(f"reading {name} v{version}", lambda c: c.get_model_version(name, version))
     tags = mv.tags or {}
     aliases = _aliases(settings)
     # A recorded decision counts once it took effect: a reject, or a promote that moved champion
@@ -153,32 +159,39 @@ def promote(settings: Settings, version: str | int, candidate_metrics: dict[str,
         version in (aliases[gate.CHAMPION], aliases[gate.PREVIOUS])
     if reuse_decision and "gate_decision" in tags and settled:
         return {**aliases, "decision": tags["gate_decision"], "reason": tags.get("gate_reason", ""),
-                "version": version, "compared": {}, "reused": True}
+                "version": version, "compared": {}, "reused": True, "scored": {}}
 
-    candidate = dict(candidate_metrics) if candidate_metrics else version_metrics(mv)
-    champ = tracking.get_alias_version(settings, name, gate.CHAMPION)
-    champ_metrics = None
-    if champ is not None:
-        champ_metrics = version_metrics(champ)
-        if not champ_metrics:
-            raise gate.GateError(f"gate: champion {name} v{champ.version} has no {METRIC_TAG}* tags to compare "
-                                 f"against; evaluate it (llmcycle evaluate --model models:/{name}@champion) "
-                                 "and tag it, or roll back")
+    candidate, cand_src = scorecard.for_version(settings, name, version, tags.get("eval_run_id"))
+    champ, champion, scored = None, None, {"candidate": cand_src}
+    if aliases[gate.CHAMPION] is not None and aliases[gate.CHAMPION] != version:
+        champ = _client_call("reading the champion", lambda c: c.get_model_version(name, aliases[gate.CHAMPION]))
+        champion, scored["champion"] = scorecard.for_version(settings, name, str(champ.version),
+                                                             (champ.tags or {}).get("eval_run_id"))
     with deploy_run(settings):
-        decision = gate.decide(candidate, champ_metrics, settings.scoping.success, settings.evaluate.tolerances,
-                               settings.evaluate.primary_metric)
-        _log_decision(name, version, champ, decision)
+        decision = gate.decide(candidate, champion, settings.scoping.success, settings.evaluate)
+        _log_decision(name, version, champ, decision, scored)
         result = gate.apply_decision(settings, name, version, decision)
     # apply_decision can hand back int versions (ModelVersion.version); callers compare strings.
     result = {k: (str(v) if v is not None and k != "decision" else v) for k, v in result.items()}
-    return {**result, "reason": decision.reason, "compared": decision.compared, "reused": False}
+    return {**result, "reason": decision.reason, "compared": decision.compared, "reused": False, "scored": scored}
 
 
-def _log_decision(name: str, version: str, champ: Any, decision: gate.GateDecision) -> None:
-    """The decision, its reason and every compared number on the active deploy run."""
+def _client_call(what: str, fn: Any) -> Any:
+    """fn(MlflowClient()) with any store failure turned into one TrackingError naming what was read."""
     import mlflow
 
-    mlflow.set_tags({"model_name": name, "candidate_version": version,
+    try:
+        return fn(mlflow.MlflowClient())
+    except Exception as exc:  # noqa: BLE001 - every store failure stops the gate the same way
+        raise tracking.store_error(what, exc) from None
+
+
+def _log_decision(name: str, version: str, champ: Any, decision: gate.GateDecision, scored: dict[str, str]) -> None:
+    """The decision, its reason, where each scorecard came from and every compared number on the deploy run."""
+    import mlflow
+
+    mlflow.set_tags({**{f"scorecard.{who}": src[:250] for who, src in scored.items()},
+                     "model_name": name, "candidate_version": version,
                      "champion_version": str(champ.version) if champ is not None else "none",
                      "gate_decision": "promote" if decision.promote else "reject",
                      "gate_reason": decision.reason[:5000]})
@@ -189,7 +202,8 @@ def _log_decision(name: str, version: str, champ: Any, decision: gate.GateDecisi
                 numbers[f"gate.{metric}.{key}"] = float(value)
     mlflow.log_metrics(numbers)
     mlflow.log_dict({"decision": "promote" if decision.promote else "reject", "reason": decision.reason,
-                     "candidate_version": version, "compared": decision.compared}, "gate/decision.json")
+                     "candidate_version": version, "compared": decision.compared, "scored": scored},
+                    "gate/decision.json")
 
 
 def _aliases(settings: Settings) -> dict[str, str | None]:
@@ -212,14 +226,16 @@ def rollback(settings: Settings) -> dict[str, Any]:
     return {"model": name, "champion": restored}
 
 
-def latest_evaluation(settings: Settings, label: str | None = None) -> dict[str, Any] | None:
-    """{run_id, model_uri, metrics} of the newest finished evaluate run (for `llmcycle promote`)."""
+def latest_evaluation(settings: Settings, label: str | None = None, model_uri: str | None = None
+                      ) -> dict[str, Any] | None:
+    """{run_id, model_uri, metrics} of the newest finished evaluate run, of a label or model URI if given."""
     import mlflow
 
     tracking.configure(settings)
     query = "tags.stage = 'evaluate' and attributes.status = 'FINISHED'"
-    if label:
-        query += f" and tags.eval_label = '{label}'"
+    for key, value in (("eval_label", label), ("model_uri", model_uri)):
+        if value:
+            query += f" and tags.{key} = '{value.replace(chr(39), '')}'"
     runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string=query,
                               order_by=["start_time DESC"], max_results=1, output_format="list")
     if not runs:

@@ -23,6 +23,9 @@ def extract_code(completion: str) -> str:
     return match.group(1) if match else (completion or "")
 
 
+FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
 def _parse(code: str) -> ast.Module | None:
     """ast of the code as-is; failing that, of the code without its last line.
 
@@ -35,18 +38,26 @@ def _parse(code: str) -> ast.Module | None:
         if candidate is None or not candidate.strip():
             continue
         try:
-            tree = ast.parse(candidate)
-        except (SyntaxError, ValueError):  # ValueError: null bytes in the source
+            return ast.parse(candidate)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes in the source
             continue
-        # Only comments/blank lines parse to an empty module: that is not code (a pretrained model
-        # answering "#\n#\n..." must not score as syntax-valid).
-        return tree if tree.body else None
     return None
 
 
+def _defines_function(tree: ast.Module) -> bool:
+    """A top-level def, or a top-level class holding one: what a function completion must contain."""
+    return any(isinstance(n, FUNCS) or (isinstance(n, ast.ClassDef) and any(isinstance(m, FUNCS) for m in n.body))
+               for n in tree.body)
+
+
 def parses(code: str) -> bool:
-    """True when the code (or the code minus a cut-off last line) is valid, non-empty Python."""
-    return _parse(code) is not None
+    """True when the code (or the code minus a cut-off last line) parses AND defines a function.
+
+    The one syntax check of completions, for evaluation, the gate and training samples alike. A bare
+    name, an expression or comments parse as Python but are not a function completion: False.
+    """
+    tree = _parse(code)
+    return tree is not None and _defines_function(tree)
 
 
 def defines_name(code: str, name: str) -> bool:
@@ -57,12 +68,11 @@ def defines_name(code: str, name: str) -> bool:
     tree = _parse(code)
     if tree is None or not name:
         return False
-    funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
     if "." in name:
         cls_name, meth = name.rsplit(".", 1)
         return any(isinstance(n, ast.ClassDef) and n.name == cls_name
-                   and any(isinstance(m, funcs) and m.name == meth for m in n.body) for n in tree.body)
-    return any(isinstance(n, funcs) and n.name == name for n in tree.body)
+                   and any(isinstance(m, FUNCS) and m.name == meth for m in n.body) for n in tree.body)
+    return any(isinstance(n, FUNCS) and n.name == name for n in tree.body)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -112,7 +122,7 @@ def mlflow_scorers() -> list[Any]:
     from mlflow.entities import Feedback
     from mlflow.genai.scorers import scorer
 
-    @scorer(name="syntax_valid", description="the completion parses as Python (ast)")
+    @scorer(name="syntax_valid", description="the completion is a function definition that parses (ast)")
     def syntax_valid(outputs: Any) -> bool:
         return parses(extract_code(_output_text(outputs)))
 

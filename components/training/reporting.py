@@ -62,8 +62,8 @@ def sample_rows(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: in
     Prompts go through the chat template (a fine-tuned model answers an assistant turn); generation
     ends at <|end|> by token id, so no stop string is needed.
     """
-    from components.data.functions import defines_name, parses
     from components.data.tokenizer import format_prompt
+    from components.evaluation.scorers import defines_name, extract_code, parses
     from components.model.generation import generate
 
     was_training = model.training
@@ -77,8 +77,8 @@ def sample_rows(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: in
     for row, completion in zip(rows, outs):
         name = row.get("name") or ""
         table.append({"prompt": row["prompt"], "completion": completion, "reference": row.get("response", ""),
-                      "parses": bool(parses(completion)),
-                      "defines_name": bool(name) and bool(defines_name(completion, name))})
+                      "parses": parses(extract_code(completion)),
+                      "defines_name": bool(name) and defines_name(extract_code(completion), name)})
     return table
 
 

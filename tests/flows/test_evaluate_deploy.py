@@ -32,23 +32,24 @@ def test_evaluate_then_deploy_promotes_then_rejects(tmp_path):
     with tracking.lifecycle_run(settings) as parent:
         ev = evaluate_flow(config, [], model_uri=uri)
         first = deploy_flow(config, [], ev["model_uri"], ev["metrics"], eval_run_id=ev["run_id"])
-        worse = dict(ev["metrics"], test_perplexity=ev["metrics"]["test_perplexity"] * 2)
-        second = deploy_flow(config, [], ev["model_uri"], worse)
+        # The same trained weights again: one training run is one version, and its decision stands.
+        second = deploy_flow(config, [], ev["model_uri"], ev["metrics"])
 
-    assert ev["model_uri"] == uri and ev["metrics"]["test_perplexity"] > 1
+    assert ev["model_uri"] == uri and ev["metrics"]["sft_bits_per_byte"] > 0
     assert first["decision"] == "promote" and first["champion"] == first["version"] == "1"
-    assert second["decision"] == "reject" and "test_perplexity regressed" in second["reason"]
-    assert second["champion"] == "1" and second["challenger"] == "2"
+    assert first["scored"] == {"candidate": f"evaluate run {ev['run_id']}"}  # the gate reused evaluate's scores
+    assert second["version"] == "1" and second["reused"] and second["decision"] == "promote"
     runs = tracking.child_runs(settings, parent.info.run_id)
     assert sorted(r.info.run_name for r in runs) == ["deploy", "deploy", "evaluate"]
     assert all(r.info.status == "FINISHED" for r in runs)
     mv = tracking.get_alias_version(settings, name, gate.CHAMPION)
     assert mv.tags["eval_run_id"] == ev["run_id"] and mv.tags["gate_decision"] == "promote"
 
-    # `llmcycle promote` path: no arguments, the newest evaluate run supplies URI and metrics; the
-    # same numbers as the champion are not an improvement, so the gate rejects, and the flow completes.
-    third = deploy_flow(config, [])
-    assert third["decision"] == "reject" and "not better" in third["reason"]
+    # `llmcycle promote --label`: the newest evaluate run of that label; an unknown label is a usage error.
+    third = deploy_flow(config, [], label="candidate")
+    assert third["version"] == "1" and third["reused"]
+    with pytest.raises(ConfigError, match="no finished evaluate run of --label nope"):
+        deploy_flow(config, [], label="nope")
     with pytest.raises(gate.GateError, match="previous"):
         rollback_flow(config, [])  # the first promotion had no champion before it
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from components.data.functions import (KINDS, defines_name, extract_functions, make_pairs, other_body, parses,
+from components.data.functions import (KINDS, extract_functions, is_valid_python, make_pairs, other_body,
                                        shuffled, summarize, truncated)
 from tests.corpus_factory import make_module
 
@@ -66,7 +66,7 @@ def test_extracts_documented_top_level_and_class_functions():
     assert area.source.startswith("def area(") and area.source.endswith("return w * h")
     # methods are dedented to column 0; a string literal at column zero keeps its content
     assert add.source.startswith("def add(self, item, *, key=None):\n    \"\"\"Add")
-    assert "\na string at column zero\n" in add.source and parses(add.source)
+    assert "\na string at column zero\n" in add.source and is_valid_python(add.source)
     assert add.summary == "add an item to the store." and add.signature == "add(self, item, *, key=None)"
     assert fetch.summary == "HTTP fetch of url."          # acronyms keep their case
     assert extract_functions("def broken(:\n", "x") == []
@@ -77,26 +77,25 @@ def test_summarize():
     assert summarize("  Two lines\n  joined together\n\n  Rest.") == "two lines joined together"
 
 
-def test_parses_and_defines_name():
-    assert parses("def f(x):\n    return x\n") and not parses("def f(x):\n    return (")
-    assert not parses("x = 1\x00")
-    assert defines_name("class A:\n    def f(self): pass\n", "f")
-    assert not defines_name("def g(): pass", "f") and not defines_name("def f(:", "f")
+def test_is_valid_python_is_exact_syntax():
+    assert is_valid_python("def f(x):\n    return x\n") and not is_valid_python("def f(x):\n    return (")
+    assert not is_valid_python("x = 1\x00")
+    assert is_valid_python("x")  # any valid Python: judging completions is scorers.parses' job
 
 
 def test_truncated_does_not_parse():
     area = extract_functions(MODULE, "m")[0]
     for seed in range(10):
         bad = truncated(area.source, random.Random(seed))
-        assert not parses(bad) and area.source.startswith(bad)
+        assert not is_valid_python(bad) and area.source.startswith(bad)
         assert len(bad) > area.source.index("w = abs")   # cut in the code, past the docstring
-    assert not parses(truncated("def f():\n    'doc'\n    return 1", random.Random(0)))
+    assert not is_valid_python(truncated("def f():\n    'doc'\n    return 1", random.Random(0)))
 
 
 def test_shuffled_differs_and_keeps_statements():
     area = extract_functions(MODULE, "m")[0]
     out = shuffled(area.source, random.Random(0))
-    assert out is not None and out != area.source and parses(out)
+    assert out is not None and out != area.source and is_valid_python(out)
     assert Counter(out.splitlines()) == Counter(area.source.splitlines())
     assert out.split("\n")[0] == area.source.split("\n")[0]   # signature stays first
     one_stmt = "def f(x):\n    'doc'\n    return x"
@@ -107,7 +106,7 @@ def test_other_body_keeps_signature_and_docstring():
     fns = extract_functions(MODULE, "m")
     area = fns[0]
     out = other_body(area, fns, random.Random(0))
-    assert out is not None and parses(out) and out != area.source
+    assert out is not None and is_valid_python(out) and out != area.source
     head = area.source[: area.source.index("    w = abs")]
     assert out.startswith(head)
     assert "w = abs" not in out and ("self.items.append" in out or "await os.read" in out)
@@ -126,7 +125,7 @@ def test_make_pairs_deterministic_with_every_kind():
         assert s["response"] == p["chosen"] and p["rejected"] != p["chosen"]
         assert s["prompt"].startswith(f"Write a Python function `{s['name']}(")
         if p["kind"] == "truncated":
-            assert not parses(p["rejected"])
+            assert not is_valid_python(p["rejected"])
         else:
-            assert parses(p["rejected"])
+            assert is_valid_python(p["rejected"])
             assert p["rejected"].split("\n")[0] == p["chosen"].split("\n")[0]

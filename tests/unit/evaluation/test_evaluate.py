@@ -119,7 +119,9 @@ def evaluated(tmp_path_factory):
 def test_evaluate_reports_every_metric(evaluated):
     settings, result = evaluated
     m = result["metrics"]
-    expected = {"test_perplexity", "baseline_kn3_perplexity", "baseline_unigram_perplexity", "syntax_valid_rate",
+    expected = {"sft_bits_per_byte", "test_bits_per_byte", "baseline_kn3_sft_bits_per_byte",
+                "baseline_kn3_test_bits_per_byte", "baseline_unigram_sft_bits_per_byte", "baseline_unigram_test_bits_per_byte",
+                "test_perplexity", "baseline_kn3_perplexity", "baseline_unigram_perplexity", "syntax_valid_rate",
                 "defines_name_rate", "pass_at_1", "pass_at_2", "mean_reward", "dpo_reward_accuracy",
                 "generation_ms_per_token", "generation_tokens_per_s", "int8_perplexity", "int8_speedup",
                 "fp32_ms", "int8_ms"}
@@ -128,6 +130,10 @@ def test_evaluate_reports_every_metric(evaluated):
     # A random-init model is near uniform over the 400-token vocab; KN fit on real tokens beats it.
     assert 100 < m["test_perplexity"] < 2000
     assert m["baseline_kn3_perplexity"] < m["baseline_unigram_perplexity"] < m["test_perplexity"]
+    # The same order in bits per byte; a random model pays about log2(400) bits per token.
+    for split in ("sft", "test"):
+        assert m[f"baseline_kn3_{split}_bits_per_byte"] < m[f"baseline_unigram_{split}_bits_per_byte"] \
+            < m[f"{split}_bits_per_byte"]
     assert 0 <= m["syntax_valid_rate"] <= 1 and 0 <= m["pass_at_2"] <= 1
     assert m["pass_at_1"] <= m["pass_at_2"]
     assert m["int8_perplexity"] == pytest.approx(m["int8_fp32_perplexity"], rel=0.05)
@@ -145,6 +151,11 @@ def test_evaluate_logs_run_table_and_plots(evaluated):
     assert run.info.run_name == "evaluate" and run.data.tags["stage"] == "evaluate"
     assert run.data.tags["model_uri"] == result["model_uri"]
     assert run.data.metrics["test_perplexity"] == pytest.approx(result["metrics"]["test_perplexity"])
+    assert run.data.tags["eval_params_hash"] and run.data.tags["data_hash"]
+    card = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="evaluation/scorecard.json")).read_text())
+    assert set(card["docs"]) == {"sft", "test", "sft.kn3", "test.kn3", "sft.unigram", "test.unigram"}
+    assert len(card["docs"]["test"]["ids"]) == 6  # every test document, scored one by one
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/lifecycle_losses.png", "plots/champion_vs_candidate.png", "plots/attention.png"}
     table = json.loads(Path(mlflow.artifacts.download_artifacts(
@@ -170,74 +181,3 @@ def test_tokenizer_mismatch_is_config_error(evaluated, tmp_path):
     folder = save_tiny_model(settings, other, tmp_path / "other")
     with pytest.raises(ConfigError, match=r"300 tokens.*vocab_size 400"):
         evaluate.run(settings, str(folder))
-
-
-# ----------------------------------------------------------------------------- promotion
-@pytest.fixture
-def registry(tmp_path):
-    settings = make_project(tmp_path, reward=False)
-    return settings, logged_model_uri(settings)
-
-
-def test_first_candidate_becomes_champion_and_regression_is_rejected(registry):
-    import mlflow
-
-    settings, uri = registry
-    name = settings.registry.model_name
-    v1 = promotion.register_candidate(settings, uri, metrics=GOOD, eval_run_id="r1")
-    first = promotion.promote(settings, v1)
-    assert first["decision"] == "promote" and first["champion"] == v1 and not first["reused"]
-
-    v2 = promotion.register_candidate(settings, uri, metrics=WORSE, eval_run_id="r2")
-    assert v2 != v1  # not a clean git checkout: no dedup
-    second = promotion.promote(settings, v2, WORSE)
-    assert second["decision"] == "reject"
-    assert "test_perplexity regressed" in second["reason"]
-    assert second["champion"] == v1 and second["challenger"] == v2
-    tags = mlflow.MlflowClient().get_model_version(name, v2).tags
-    assert tags["gate_decision"] == "reject" and "regressed" in tags["gate_reason"]
-    assert tags["eval_run_id"] == "r2" and float(tags["metric.test_perplexity"]) == 80.0
-    assert tags["stage"] == "dpo" and tags["params_hash"] == settings.params_hash()
-    gate_runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list",
-                                   filter_string="tags.stage = 'deploy'", order_by=["start_time DESC"])
-    assert gate_runs[0].data.tags["gate_decision"] == "reject"
-    assert gate_runs[0].data.metrics["gate.test_perplexity.candidate"] == 80.0
-    assert gate_runs[0].data.metrics["gate.test_perplexity.champion"] == 50.0
-
-    better = dict(GOOD, test_perplexity=40.0)
-    v3 = promotion.register_candidate(settings, uri, metrics=better)
-    assert promotion.promote(settings, v3)["decision"] == "promote"
-    assert promotion.rollback(settings) == {"model": name, "champion": v1}
-    assert tracking.get_alias_version(settings, name, gate.CHAMPION).version == int(v1)
-
-
-def test_champion_without_metrics_is_gate_error(registry):
-    settings, uri = registry
-    name = settings.registry.model_name
-    mv = tracking.register_model(settings, uri, name, "dpo")
-    tracking.set_alias(settings, name, gate.CHAMPION, mv.version)
-    v2 = promotion.register_candidate(settings, uri, metrics=GOOD)
-    with pytest.raises(gate.GateError, match="no metric"):
-        promotion.promote(settings, v2)
-    assert tracking.get_alias_version(settings, name, gate.CHAMPION).version == mv.version
-    assert tracking.get_alias_version(settings, name, gate.CHALLENGER) is None
-
-
-def test_unchanged_code_data_params_register_once(registry):
-    import mlflow
-
-    settings, uri = registry
-    root = settings.root
-    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"],
-                ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=root, check=True)
-    v1 = promotion.register_candidate(settings, uri, metrics=GOOD)
-    first = promotion.promote(settings, v1)
-    v_again = promotion.register_candidate(settings, uri, metrics=GOOD)
-    again = promotion.promote(settings, v_again, GOOD)
-    assert v_again == v1 and again["reused"] and again["decision"] == first["decision"] == "promote"
-    versions = mlflow.MlflowClient().search_model_versions(f"name = '{settings.registry.model_name}'")
-    assert len(versions) == 1
-    # Changed params: a new version.
-    changed = cfg.load(root / "params.yaml", ["evaluate.n_prompts=3"])
-    assert promotion.register_candidate(changed, uri, metrics=GOOD) != v1

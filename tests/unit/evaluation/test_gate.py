@@ -1,69 +1,96 @@
-"""Promotion gate: pure decisions over constructed metrics, then alias moves and tags against a real
-SQLite MLflow registry in the test's own project root.
+"""Promotion gate: pure decisions over constructed scorecards (per-document bits and bytes), then alias
+moves and tags against a real SQLite MLflow registry in the test's own project root.
 """
+import numpy as np
 import pytest
 
-from components.config import SuccessCriteria
-from components.evaluation.gate import (CHALLENGER, CHAMPION, PREVIOUS, GateError, apply_decision, decide,
+from components.config import EvaluateConfig, SuccessCriteria
+from components.evaluation.bpb import DocScores
+from components.evaluation.gate import (CHALLENGER, CHAMPION, PREVIOUS, GateError, Scorecard, apply_decision, decide,
                                         lower_is_better, rollback)
 
-CRIT = SuccessCriteria(max_val_perplexity=50.0, min_syntax_valid_rate=0.2)
-TOL = {"test_perplexity": 0.05, "syntax_valid_rate": 0.05}
-PRIMARY = "test_perplexity"
-CHAMP = {"test_perplexity": 20.0, "syntax_valid_rate": 0.5}
+CRIT = SuccessCriteria(beat_baseline="kn3", min_syntax_valid_rate=0.2)
+CFG = EvaluateConfig(tolerances={"test_bits_per_byte": 0.05, "syntax_valid_rate": 0.05}, bootstrap_samples=1000)
+N = 60                                   # documents per evaluation set
+BYTES = np.full(N, 100)                  # 100 bytes each
+
+
+def docs(bpb: float, noise: float = 0.0, seed: int = 0) -> DocScores:
+    """N documents of 100 bytes at about `bpb` bits per byte, each off by up to +-noise."""
+    jitter = np.random.default_rng(seed).uniform(-noise, noise, N)
+    return DocScores([f"d{i}" for i in range(N)], (bpb + jitter) * BYTES, BYTES.copy())
+
+
+def card(sft: float, test: float = 2.0, rate: float = 0.5, kn3: float = 3.0, noise: float = 0.0,
+         seed: int = 0) -> Scorecard:
+    d = {"sft": docs(sft, noise, seed), "test": docs(test, noise, seed + 1),
+         "sft.kn3": docs(kn3, noise, seed + 2), "test.kn3": docs(kn3, noise, seed + 3)}
+    return Scorecard({"sft_bits_per_byte": d["sft"].bits_per_byte, "test_bits_per_byte": d["test"].bits_per_byte,
+                      "syntax_valid_rate": rate}, d)
 
 
 def test_direction_registry():
-    assert lower_is_better("test_perplexity") and lower_is_better("val_loss") and lower_is_better("p50_latency_ms")
+    assert lower_is_better("sft_bits_per_byte") and lower_is_better("test_perplexity")
+    assert lower_is_better("val_loss") and lower_is_better("p50_latency_ms")
     assert not lower_is_better("syntax_valid_rate") and not lower_is_better("pass_at_1")
 
 
-def test_first_champion_decided_by_criteria_alone():
-    assert decide({"test_perplexity": 49.0, "syntax_valid_rate": 0.2}, None, CRIT, TOL, PRIMARY).promote
-    too_perplexed = decide({"test_perplexity": 51.0, "syntax_valid_rate": 0.9}, None, CRIT, TOL, PRIMARY)
-    assert not too_perplexed.promote and "test_perplexity" in too_perplexed.reason
-    too_broken = decide({"test_perplexity": 10.0, "syntax_valid_rate": 0.1}, None, CRIT, TOL, PRIMARY)
-    assert not too_broken.promote and "syntax_valid_rate" in too_broken.reason
+def test_first_champion_must_significantly_beat_the_trigram():
+    assert decide(card(1.5), None, CRIT, CFG).promote
+    # A first candidate worse than the KN trigram on its own task is not a champion (it was, before).
+    worse = decide(card(3.2), None, CRIT, CFG)
+    assert not worse.promote and "does not significantly beat the kn3 baseline" in worse.reason
+    assert worse.compared["criteria.beats_kn3"]["delta"] == pytest.approx(0.2)
+    broken = decide(card(1.5, rate=0.1), None, CRIT, CFG)
+    assert not broken.promote and "syntax_valid_rate" in broken.reason
+    assert decide(card(3.2), None, SuccessCriteria(beat_baseline="none", min_syntax_valid_rate=0.2), CFG).promote
 
 
-def test_promote_when_primary_better_and_rate_within_absolute_tolerance():
-    # rate 0.46 >= 0.5 - 0.05: a small drop is tolerated; perplexity 19 < 20 is the improvement.
-    d = decide({"test_perplexity": 19.0, "syntax_valid_rate": 0.46}, CHAMP, CRIT, TOL, PRIMARY)
+def test_promote_on_a_significant_gain_with_secondaries_within_tolerance():
+    # rate 0.46 >= 0.5 - 0.05 and test bpb 2.05 <= 2.0 * 1.05: tolerated; SFT 1.5 -> 1.2 is the gain.
+    d = decide(card(1.2, test=2.05, rate=0.46, noise=0.1), card(1.5, noise=0.1, seed=9), CRIT, CFG)
     assert d.promote, d.reason
-    assert d.compared["syntax_valid_rate"] == {"candidate": 0.46, "champion": 0.5, "tolerance": 0.05,
-                                               "direction": "higher", "ok": True}
-    assert d.compared[PRIMARY]["improved"] is True
+    primary = d.compared["sft_bits_per_byte"]
+    assert primary["improved"] and primary["significant"] and primary["high"] < 0 < 0.5 + primary["low"]
+    assert primary["delta"] == pytest.approx(-0.3, abs=0.05)
+    assert d.compared["syntax_valid_rate"]["ok"] and d.compared["test_bits_per_byte"]["ok"]
 
 
-def test_reject_on_regression_beyond_tolerance():
-    # rate 0.44 < 0.5 - 0.05 blocks the promotion even though perplexity improved.
-    d = decide({"test_perplexity": 15.0, "syntax_valid_rate": 0.44}, CHAMP, CRIT, TOL, PRIMARY)
-    assert not d.promote
-    assert "syntax_valid_rate regressed" in d.reason and not d.compared["syntax_valid_rate"]["ok"]
+def test_a_gain_inside_the_noise_is_rejected_as_not_significant():
+    # Same mean, per-document noise of +-1 bit/byte: a 0.02 "improvement" the interval cannot tell from 0.
+    cand = card(1.48, noise=1.0, seed=1)
+    champ = card(1.5, noise=1.0, seed=2)
+    assert cand.metrics["sft_bits_per_byte"] < champ.metrics["sft_bits_per_byte"]
+    d = decide(cand, champ, CRIT, CFG)
+    assert not d.promote and "gain not significant" in d.reason
+    assert d.compared["sft_bits_per_byte"]["low"] < 0 < d.compared["sft_bits_per_byte"]["high"]
 
 
-def test_relative_tolerance_on_lower_better_secondary_metric():
-    # Primary is the rate; perplexity may rise up to 5% (20 -> 21) but not to 21.2.
-    tol = {**TOL, "test_perplexity": 0.05}
-    better_rate = {"syntax_valid_rate": 0.6}
-    assert decide({**better_rate, "test_perplexity": 21.0}, CHAMP, CRIT, tol, "syntax_valid_rate").promote
-    assert not decide({**better_rate, "test_perplexity": 21.2}, CHAMP, CRIT, tol, "syntax_valid_rate").promote
+def test_reject_when_worse_or_on_a_regression_beyond_tolerance():
+    assert "not better" in decide(card(1.6), card(1.5), CRIT, CFG).reason
+    forgot = decide(card(1.2, test=2.2), card(1.5), CRIT, CFG)  # test bpb +10% > 5% relative slack
+    assert not forgot.promote and "test_bits_per_byte regressed" in forgot.reason
+    worse_rate = decide(card(1.2, rate=0.44), card(1.5), CRIT, CFG)
+    assert not worse_rate.promote and "syntax_valid_rate regressed" in worse_rate.reason
 
 
-def test_reject_when_primary_not_strictly_better():
-    d = decide({"test_perplexity": 20.0, "syntax_valid_rate": 0.9}, CHAMP, CRIT, TOL, PRIMARY)
-    assert not d.promote and "primary test_perplexity not better" in d.reason
-    # Within the 5% tolerance is not "better" either.
-    assert not decide({"test_perplexity": 20.5, "syntax_valid_rate": 0.9}, CHAMP, CRIT, TOL, PRIMARY).promote
+def test_scores_of_different_documents_are_not_compared():
+    champ = card(1.5)
+    champ.docs["sft"] = DocScores([f"x{i}" for i in range(N)], champ.docs["sft"].bits, BYTES.copy())
+    with pytest.raises(GateError, match="different documents"):
+        decide(card(1.2), champ, CRIT, CFG)
 
 
-def test_missing_champion_metric_raises():
+def test_missing_metric_raises():
+    champ = card(1.5)
+    del champ.metrics["syntax_valid_rate"]
     with pytest.raises(GateError, match="syntax_valid_rate"):
-        decide({"test_perplexity": 10.0, "syntax_valid_rate": 0.9}, {"test_perplexity": 20.0}, CRIT, TOL, PRIMARY)
+        decide(card(1.2), champ, CRIT, CFG)
     assert issubclass(GateError, ValueError)
-    with pytest.raises(GateError, match="pass_at_1"):
-        decide({"test_perplexity": 10.0, "syntax_valid_rate": 0.9, "pass_at_1": 0.3}, CHAMP, CRIT,
-               {**TOL, "pass_at_1": 0.0}, PRIMARY)
+    no_docs = card(1.2)
+    del no_docs.docs["sft.kn3"]
+    with pytest.raises(GateError, match="sft.kn3"):
+        decide(no_docs, None, CRIT, CFG)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -92,26 +119,25 @@ def test_apply_decision_and_rollback_move_aliases(tiny_settings):
     name = tiny_settings.registry.model_name
     v1, v2, v3 = _register_versions(tiny_settings, name, 3)
 
-    first = decide({"test_perplexity": 30.0, "syntax_valid_rate": 0.3}, None, CRIT, TOL, PRIMARY)
+    first = decide(card(1.5), None, CRIT, CFG)
     out = apply_decision(tiny_settings, name, v1, first)
     assert out["decision"] == "promote" and out["previous"] is None
     assert _aliases(tiny_settings, name) == {CHAMPION: v1, CHALLENGER: v1}
 
-    better = decide({"test_perplexity": 25.0, "syntax_valid_rate": 0.3}, {"test_perplexity": 30.0,
-                    "syntax_valid_rate": 0.3}, CRIT, TOL, PRIMARY)
+    better = decide(card(1.2), card(1.5), CRIT, CFG)
     out = apply_decision(tiny_settings, name, v2, better)
     assert out == {"decision": "promote", "version": v2, "champion": v2, "previous": v1, "challenger": v2}
     assert _aliases(tiny_settings, name) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
 
-    worse = decide({"test_perplexity": 26.0, "syntax_valid_rate": 0.3}, {"test_perplexity": 25.0,
-                   "syntax_valid_rate": 0.3}, CRIT, TOL, PRIMARY)
+    worse = decide(card(1.3), card(1.2), CRIT, CFG)
     apply_decision(tiny_settings, name, v3, worse)
     assert _aliases(tiny_settings, name) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v3}
 
     client = mlflow.MlflowClient()
     tags3 = client.get_model_version(name, v3).tags
     assert tags3["gate_decision"] == "reject" and "not better" in tags3["gate_reason"]
-    assert tags3["gate.test_perplexity.candidate"] == "26" and tags3["gate.test_perplexity.champion"] == "25"
+    assert tags3["gate.sft_bits_per_byte.candidate"] == "1.3" and tags3["gate.sft_bits_per_byte.champion"] == "1.2"
+    assert float(tags3["gate.sft_bits_per_byte.low"]) > 0  # the interval is in the decision tags
     assert client.get_model_version(name, v2).tags["gate_decision"] == "promote"
     assert client.get_model_version(name, v2).tags["stage"] == "sft"  # lineage tags untouched
 
@@ -126,7 +152,7 @@ def test_apply_decision_and_rollback_move_aliases(tiny_settings):
 def test_rollback_clears_challenger_pointing_at_demoted_version(tiny_settings):
     name = tiny_settings.registry.model_name
     v1, v2 = _register_versions(tiny_settings, name, 2)
-    ok = decide({"test_perplexity": 30.0, "syntax_valid_rate": 0.3}, None, CRIT, TOL, PRIMARY)
+    ok = decide(card(1.5), None, CRIT, CFG)
     apply_decision(tiny_settings, name, v1, ok)
     apply_decision(tiny_settings, name, v2, ok)
     assert _aliases(tiny_settings, name) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}

@@ -13,7 +13,10 @@ GOOD = "def add(a, b):\n    return a + b\n"
 
 def test_parses():
     assert parses(GOOD)
-    assert parses("x = 1")
+    assert parses("class C:\n    def m(self):\n        return 1\n")
+    # Valid Python that is not a function completion: a bare name, an expression, an assignment.
+    assert not parses("x = 1") and not parses("foo") and not parses("1 + 2")
+    assert not parses("# just a comment\n")
     assert not parses("")
     assert not parses("   \n")
     assert not parses("def f(:\n    pass")
@@ -98,4 +101,4 @@ def test_comments_only_is_not_code():
 
     assert not parses("#\n#\n#\n")
     assert not parses("# just a comment\n\n")
-    assert parses("x = 1\n# trailing comment\n")
+    assert parses("def f():\n    return 1\n# trailing comment\n")

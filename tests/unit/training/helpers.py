@@ -35,7 +35,8 @@ def tiny_tokenizer(vocab_size: int = 400):
 
 
 def write_tiny_data(settings: Settings, vocab_size: int = 400, val_docs: int = 6) -> object:
-    """Save the tokenizer to tokenizer_dir and {train,val,test}.bin + meta.json to tokens_dir; returns the tokenizer."""
+    """Save the tokenizer to tokenizer_dir, {train,val,test}.bin + meta.json to tokens_dir and the documents to
+    data/raw/corpus.jsonl (what evaluation's bits per byte reads); returns the tokenizer."""
     tok = tiny_tokenizer(vocab_size)
     tok.save_pretrained(str(layout.tokenizer_dir(settings)))
     texts = list(_texts())
@@ -45,12 +46,16 @@ def write_tiny_data(settings: Settings, vocab_size: int = 400, val_docs: int = 6
     counts = {}
     for split, docs in splits.items():
         ids: list[int] = []
-        for doc in docs:  # EOT before every document, as the data stage writes them
-            ids.append(tok.eos_token_id)
+        for doc in docs:  # EOT after every document, as the data stage writes them
             ids.extend(tok.encode(doc, add_special_tokens=False))
+            ids.append(tok.eos_token_id)
         np.asarray(ids, dtype=np.uint16).tofile(out / f"{split}.bin")
         counts[split] = len(ids)
     meta = {"dtype": "uint16", "vocab_size": len(tok), "eot_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
             "tokens": counts}
     (out / "meta.json").write_text(json.dumps(meta))
+    corpus = layout.corpus_path(settings)
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("".join(json.dumps({"id": f"{split}{i}", "split": split, "text": doc}) + "\n"
+                              for split, docs in splits.items() for i, doc in enumerate(docs)))
     return tok

@@ -1,0 +1,157 @@
+"""The gate's scorecard of one model on the current evaluation data, cached per (model, data, params).
+
+score(): bits per byte of the held-out SFT responses given their prompts and of the raw test split,
+per document, each model tokenizing the text itself; with baselines=True the same for the Kneser-Ney
+trigram and add-one unigram (fit on the train split with the data tokenizer); and the share of greedy
+completions of evaluate.n_prompts held-out prompts that are parsable function definitions.
+
+for_version(): the scorecard of a registered version on today's data: from the local cache, else from
+the evaluate run that scored it (when that run saw the same data hash and evaluate params), else
+scored now. This is how the champion is judged on the candidate's data, never on old tags.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from components import tracking
+from components.config import Settings
+from components.data import io
+from components.evaluation.bpb import DocScores, doc_scores, model_bits, ngram_bits, sft_items, test_documents, test_items
+from components.evaluation.gate import Scorecard
+
+ARTIFACT = "evaluation/scorecard.json"
+GEN_BATCH = 8
+
+
+def eval_params_hash(settings: Settings) -> str:
+    """The evaluate params that change scores (not the gate's confidence or tolerances)."""
+    e = settings.evaluate
+    blob = json.dumps({"n_prompts": e.n_prompts, "max_new_tokens": e.max_new_tokens,
+                       "test_max_bytes": e.test_max_bytes, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def card_to_json(card: Scorecard) -> dict[str, Any]:
+    return {"metrics": card.metrics, "docs": {k: v.to_json() for k, v in card.docs.items()}}
+
+
+def card_from_json(obj: dict[str, Any]) -> Scorecard:
+    return Scorecard({k: float(v) for k, v in obj["metrics"].items()},
+                     {k: DocScores.from_json(v) for k, v in obj["docs"].items()})
+
+
+# ----------------------------------------------------------------------------- scoring
+def sft_test_rows(settings: Settings) -> list[dict]:
+    from components.training.finetune_data import sft_rows
+
+    return sft_rows(settings, "test")
+
+
+def completions_of(model: Any, tokenizer: Any, prompts: list[str], max_new: int) -> list[str]:
+    """Greedy completions of chat-formatted prompts, batched."""
+    from components.model.generation import generate
+
+    out: list[str] = []
+    for i in range(0, len(prompts), GEN_BATCH):
+        out += generate(model, tokenizer, prompts[i:i + GEN_BATCH], max_new_tokens=max_new, temperature=0.0)
+    return out
+
+
+def score(settings: Settings, model: Any, tokenizer: Any, device: Any, baselines: bool = False) -> tuple[Scorecard, dict]:
+    """(scorecard, extras) of a loaded model on the current data; extras: rows, prompts, completions, checks."""
+    from components.data.tokenizer import format_prompt
+    from components.evaluation.scorers import score_completions
+
+    block = int(model.config.max_position_embeddings)
+    rows = sft_test_rows(settings)
+    docs = test_documents(settings, settings.evaluate.test_max_bytes)
+    items = {"sft": sft_items(tokenizer, rows), "test": test_items(tokenizer, docs)}
+    card = Scorecard({}, {})
+    for split, its in items.items():
+        card.docs[split] = doc_scores(its, model_bits(model, its, block, device))
+        card.metrics[f"{split}_bits_per_byte"] = card.docs[split].bits_per_byte
+    if baselines:
+        _baselines(settings, rows, docs, card)
+
+    prompt_rows = rows[:settings.evaluate.n_prompts]
+    prompts = [format_prompt(tokenizer, r["prompt"]) for r in prompt_rows]
+    t0 = time.perf_counter()
+    completions = completions_of(model, tokenizer, prompts, settings.evaluate.max_new_tokens)
+    gen_wall = time.perf_counter() - t0
+    checks = score_completions([r.get("name", "") for r in prompt_rows], completions)
+    card.metrics["syntax_valid_rate"] = float(np.mean([c["syntax_valid"] for c in checks])) if checks else 0.0
+    card.metrics["defines_name_rate"] = float(np.mean([c["defines_name"] for c in checks])) if checks else 0.0
+    return card, {"rows": prompt_rows, "prompts": prompts, "completions": completions, "checks": checks,
+                  "generation_wall_s": gen_wall}
+
+
+def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Scorecard) -> None:
+    """KN trigram and unigram bits per byte on the same texts, tokenized by the data tokenizer."""
+    from components.data.tokenizer import load_tokenizer
+    from components.evaluation.evaluate import load_tokens
+    from components.evaluation.ngram import AddOneUnigram, KneserNeyTrigram
+
+    train, meta = load_tokens(settings, "train")
+    vocab = int(meta["vocab_size"])
+    data_tok = load_tokenizer(settings)
+    items = {"sft": sft_items(data_tok, rows), "test": test_items(data_tok, docs)}
+    for name, lm in (("kn3", KneserNeyTrigram(vocab).fit(train)), ("unigram", AddOneUnigram(train, vocab))):
+        for split, its in items.items():
+            card.docs[f"{split}.{name}"] = doc_scores(its, ngram_bits(lm.token_logprobs, its))
+            card.metrics[f"baseline_{name}_{split}_bits_per_byte"] = card.docs[f"{split}.{name}"].bits_per_byte
+
+
+# ----------------------------------------------------------------------------- per registered version
+def cache_path(settings: Settings, name: str, version: str) -> Any:
+    key = f"{name}-v{version}-{tracking.data_hash(settings.root)}-{eval_params_hash(settings)}"
+    return settings.path("data", "evaluation", "scorecards", f"{key}.json")
+
+
+def from_eval_run(settings: Settings, run_id: str) -> Scorecard | None:
+    """The scorecard an evaluate run logged, if it scored today's data with today's evaluate params."""
+    import mlflow
+
+    tracking.configure(settings)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # noqa: BLE001 - a run from another store: score anew instead
+        return None
+    tags = run.data.tags
+    if tags.get("data_hash") != tracking.data_hash(settings.root) or \
+            tags.get("eval_params_hash") != eval_params_hash(settings):
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT)
+    except Exception:  # noqa: BLE001 - an older evaluate run without a scorecard
+        return None
+    return card_from_json(json.loads(open(path, encoding="utf-8").read()))
+
+
+def for_version(settings: Settings, name: str, version: str, eval_run_id: str | None = None) -> tuple[Scorecard, str]:
+    """(scorecard, where it came from: cache | evaluate run <id> | scored now) of models:/name/version."""
+    path = cache_path(settings, name, str(version))
+    if path.is_file():
+        return card_from_json(json.loads(path.read_text())), "cache"
+    card, source = None, "scored now"
+    if eval_run_id:
+        card = from_eval_run(settings, eval_run_id)
+        source = f"evaluate run {eval_run_id}"
+    if card is None:
+        import torch
+
+        from components.model.build import load_causal_lm
+
+        source = "scored now"
+        model, tokenizer = load_causal_lm(settings, f"models:/{name}/{version}")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+        card, _ = score(settings, model, tokenizer, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_json(path, card_to_json(card))
+    return card, source
+
