@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from components import config as cfg
 from components.errors import ConfigError
@@ -21,9 +22,11 @@ def tmp_path(tmp_path):
 def test_project_params_yaml_is_valid_and_has_every_stage_section():
     s = cfg.load(ROOT / "params.yaml")
     assert s.root == ROOT
-    for section in ("scoping", "data", "tokenizer", "model", "pretrain", "sft", "reward", "dpo", "ppo",
-                    "evaluate", "registry", "serving", "monitoring", "retrain"):
-        assert hasattr(s, section)
+    sections = {"scoping", "data", "tokenizer", "model", "pretrain", "finetune", "sft", "reward", "dpo", "ppo",
+                "evaluate", "registry", "serving", "monitoring", "retrain"}
+    # The file itself names every stage section (not only the defaults behind it), and nothing else.
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(written) == sections == set(cfg.Settings.model_fields)
     assert s.registry.model_name == "llmcycle"
 
 
@@ -86,3 +89,12 @@ def test_params_hash_changes_with_effective_params(tmp_path):
     a = cfg.load(tmp_path / "params.yaml")
     b = cfg.load(tmp_path / "params.yaml", ["pretrain.lr=0.1"])
     assert a.params_hash() == cfg.load(tmp_path / "params.yaml").params_hash() != b.params_hash()
+
+
+def test_gate_settings_name_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match=r"evaluate.tolerances: .*unknown gated metric\(s\) \['test_perplexity'\]"):
+        cfg.load(tmp_path / "params.yaml", ["evaluate.tolerances={test_perplexity: 0.05}"])
+    with pytest.raises(ConfigError, match=r"scoping.success.max_val_perplexity: unknown key"):
+        cfg.load(tmp_path / "params.yaml", ["scoping.success.max_val_perplexity=80"])
+    with pytest.raises(ConfigError, match=r"evaluate.primary_metric"):
+        cfg.load(tmp_path / "params.yaml", ["evaluate.primary_metric=test_perplexity"])
