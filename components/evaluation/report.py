@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 # Metrics drawn in the champion-vs-candidate bars (those present on both sides).
-BAR_METRICS = ("test_perplexity", "baseline_kn3_perplexity", "syntax_valid_rate", "defines_name_rate",
+BAR_METRICS = ("sft_bits_per_byte", "test_bits_per_byte", "baseline_kn3_sft_bits_per_byte", "syntax_valid_rate",
+               "defines_name_rate", "test_perplexity",
                "pass_at_1", "dpo_reward_accuracy", "mean_reward", "generation_ms_per_token")
 ATTENTION_HEADS = 4
 ATTENTION_TOKENS = 32
