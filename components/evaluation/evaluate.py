@@ -189,12 +189,20 @@ def mean_reward(reward_dir: Path, tokenizer: Any, prompts: list[str], completion
 
     from components.training.finetune_data import encode_pairs
 
+    from components.training.finetune_data import pad_right
+    from components.training.reward import score
+
     rm = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), local_files_only=True).to(device).eval()
     block = int(getattr(rm.config, "max_position_embeddings", 0) or 1024)
+    pad = rm.config.pad_token_id if rm.config.pad_token_id is not None else tokenizer.pad_token_id
+    seqs = [ids for ids, _ in encode_pairs(tokenizer, prompts, completions, block)]
     scores = []
-    for ids, _ in encode_pairs(tokenizer, prompts, completions, block):  # one row at a time: no padding to pool
-        scores.append(float(rm(input_ids=torch.tensor([ids], device=device)).logits[0, 0]))
-    return {"mean_reward": float(np.mean(scores))}
+    for i in range(0, len(seqs), EVAL_BATCH):  # right-padded batches; the head pools the last non-pad token
+        batch = seqs[i:i + EVAL_BATCH]
+        ids = pad_right(batch, pad).to(device)                                        # (B, T)
+        mask = pad_right([[1] * len(s) for s in batch], 0).to(device)                 # (B, T)
+        scores.append(score(rm, ids, mask))                                           # (B,)
+    return {"mean_reward": float(torch.cat(scores).float().mean()) if scores else float("nan")}
 
 
 # ----------------------------------------------------------------------------- the stage
