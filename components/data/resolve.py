@@ -39,8 +39,10 @@ FINETUNE_KEYS = ("sft_jsonl", "preference_jsonl")
 # Keys that do not shape the data: where it is pushed. Left out so moving the remote keeps the data hash.
 NOT_DATA = {"remote"}
 
-HEADER = ("# Written by the `resolve` DVC stage (components/data/resolve.py) from {config}{sets}.\n"
-          "# The data stages read this file, not params.yaml: do not edit, edit params.yaml or use --set.\n")
+# Static on purpose: the file's hash is in dvc.lock and the data hash, so naming the run's overrides here
+# (say --set pretrain.lr=...) would change the data hash of identical data.
+HEADER = ("# Written by the `resolve` DVC stage (components/data/resolve.py) from the run's config and --set.\n"
+          "# The data stages read this file, not params.yaml: do not edit; edit params.yaml or use --set.\n")
 
 
 def stage_env(config: str | Path | None, overrides: list[str]) -> dict[str, str]:
@@ -84,15 +86,12 @@ def finetune_fingerprint(settings: Settings) -> dict:
     return out
 
 
-def run(settings: Settings, overrides: list[str] | None = None) -> dict:
+def run(settings: Settings) -> dict:
     """Write params.resolved.yaml and the source fingerprints; return them (the stage's report)."""
     params = resolved_params(settings)
     corpus = fingerprint(resolve_source(settings), settings)
     finetune = finetune_fingerprint(settings)
-    sets = f" with --set {' '.join(overrides)}" if overrides else ""
-    atomic_write_text(layout.resolved_params_path(settings),
-                      HEADER.format(config=Path(settings.source_file).name, sets=sets)
-                      + yaml.safe_dump(params, sort_keys=False))
+    atomic_write_text(layout.resolved_params_path(settings), HEADER + yaml.safe_dump(params, sort_keys=False))
     atomic_write_json(layout.fingerprint_path(settings, "corpus"), corpus)
     atomic_write_json(layout.fingerprint_path(settings, "finetune"), finetune)
     return {"params": params, "corpus": corpus, "finetune": finetune}
@@ -127,7 +126,7 @@ def main() -> int:
         if settings.root.resolve() != Path.cwd().resolve():
             raise ConfigError(f"{CONFIG_ENV}={config}: the config must sit in the DVC project root "
                               f"{Path.cwd()} (its folder is the root for every relative path)")
-        report = run(settings, overrides)
+        report = run(settings)
     except (ConfigError, DataError) as exc:
         # The same `error: ` line as the llmcycle CLI, which components.data.dvc lifts into DataError.
         print(f"error: {exc}", file=sys.stderr)

@@ -85,7 +85,7 @@ def test_run_writes_what_the_stages_read(tiny_settings, tiny_root):
     pairs = tiny_root / "sft.jsonl"
     pairs.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     settings = cfg.load(tiny_root / "params.yaml", [f"data.sft_jsonl={pairs}"])
-    resolve.run(settings, [f"data.sft_jsonl={pairs}"])
+    resolve.run(settings)
     written = cfg.load(layout.resolved_params_path(settings))  # a valid config for `llmcycle data --config`
     assert written.root == tiny_root and written.data.sft_jsonl == str(pairs)
     finetune = json.loads(layout.fingerprint_path(settings, "finetune").read_text())
@@ -101,3 +101,15 @@ def test_overrides_travel_through_the_environment(tiny_root):
     assert resolve.from_env({}) == ("params.yaml", [])
     with pytest.raises(ConfigError, match="line break"):
         resolve.stage_env(None, ["data.source=dir:a\nb"])
+
+
+def test_overrides_that_do_not_shape_the_data_leave_the_resolved_file_byte_identical(tiny_root):
+    """Its hash is in dvc.lock, hence in the data hash: a training override must not move it."""
+    def written(*overrides):
+        settings = cfg.load(tiny_root / "params.yaml", list(overrides))
+        resolve.run(settings)
+        return layout.resolved_params_path(settings).read_bytes()
+
+    plain = written()
+    assert written("pretrain.lr=0.01", "data.remote=elsewhere", "model.n_layer=3") == plain
+    assert written("data.max_documents=5") != plain
