@@ -113,3 +113,13 @@ def test_overrides_that_do_not_shape_the_data_leave_the_resolved_file_byte_ident
     plain = written()
     assert written("pretrain.lr=0.01", "data.remote=elsewhere", "model.n_layer=3") == plain
     assert written("data.max_documents=5") != plain
+
+
+def test_jsonl_fingerprint_follows_the_file(tiny_root):
+    corpus = tiny_root / "docs.jsonl"
+    corpus.write_text(json.dumps({"text": "def f():\n    return 1\n" * 4}) + "\n")
+    settings = cfg.load(tiny_root / "params.yaml", [f"data.source=jsonl:{corpus}"])
+    first = fingerprint(resolve_source(settings), settings)
+    assert first["kind"] == "jsonl" and first["files"] == 1
+    corpus.write_text(corpus.read_text() + json.dumps({"text": "def g():\n    return 2\n" * 4}) + "\n")
+    assert fingerprint(resolve_source(settings), settings)["sha256"] != first["sha256"]
