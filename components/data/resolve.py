@@ -14,7 +14,9 @@ As outputs they land in dvc.lock, so the data hash built from it names the sourc
 params that really made the data. params.yaml in git is never touched, and a plain `dvc repro` (no
 environment) resolves params.yaml as it is; `LLMCYCLE_SET='data.source=dir:/x' dvc repro` works too.
 Not `dvc exp run --set-param`: it edits params.yaml in the workspace and needs a commit to start from,
-so every override would dirty the checkout (and the lineage tag git_dirty with it).
+so every override would dirty the checkout (and the lineage tag git_dirty with it). Not DVC deps on
+the source path itself: dvc.yaml is static while data.source changes per run, and the stdlib folder
+holds its tests (excluded here) and a machine-specific path that would then sit in dvc.lock.
 Compromises: the fingerprints re-read the source on every repro (about the cost of ingest's own read);
 the config must sit in the project root (components.config takes the root from the config's folder).
 """
