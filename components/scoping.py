@@ -1,9 +1,13 @@
-"""Scoping: how big a model this machine, budget and corpus justify, and what success means.
+"""Scoping: how big a model the training device, budget and corpus justify, and what success means.
 
-Measures fp32 matmul FLOP/s and the real training throughput of a candidate model, then sizes the
-model with Chinchilla arithmetic (C ~= 6*N*D, D ~= tokens_per_param*N), capped by the tokens the
-corpus offers times the allowed epochs. Estimates training memory and serving latency (~2*N FLOPs
-per token). The pure arithmetic is separate from the measuring so it can be tested by hand.
+The budget is the pretrain stage's wall time on the device it will train on, in the precision it will
+use (components/scoping_probe.py measures both). A first guess from the matmul peak picks a shape;
+probing that shape's real steps, a validation batch and a checkpoint write turns the budget into
+steps (validation, checkpoints, logging and the stage's fixed costs counted), and the tokens those
+steps feed say whether another size is compute-optimal (C ~= 6*N*D, D ~= tokens_per_param*N, capped
+by the corpus times max_epochs): a few rounds until the shape settles. The pure arithmetic (sizing,
+budget -> steps) is separate from the measuring so it can be checked by hand. Compromises: Lightning's
+per-step and per-log costs are fixed estimates measured on the 2-core CPU, not probed (see below).
 """
 from __future__ import annotations
 
@@ -11,15 +15,23 @@ import json
 import math
 import os
 import sysconfig
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from components.config import PRESETS, Settings
+from components.config import PRESETS, ScopingConfig, Settings
 from components.errors import ConfigError
 from components.data import layout
 
 CHARS_PER_TOKEN = 3.5  # byte-level BPE on Python source at a 4k vocab; only used before the data stage ran
+# Only sizes the first probed shape; the measured throughput replaces it (a 2x32 model reaches ~14% on CPU).
+FIRST_GUESS_MFU = 0.15
+# Lightning's own work per training step (hooks, batch fetch, lr schedule, two self.log calls) and per
+# logged point (an MLflow SQLite write, the loss read of the NaN guard): 14-37 ms a point measured here.
+LOOP_STEP_S = 0.004
+LOG_POINT_S = 0.02
+CKPT_FILES = 2           # ModelCheckpoint(save_top_k=1, save_last=True) writes step-N.ckpt and last.ckpt
+POINTS_PER_CURVE = 100   # trainer.log_every: a point every max(1, max_steps // 100) steps
+MIN_PARAMS_SLACK = 2.0   # an optimum up to this factor below scoping.min_params is raised to it
 
 
 @dataclass
@@ -34,6 +46,27 @@ class Plan:
     epochs: float
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds each part of a pretrain stage costs (measured by the probe, or the estimates above)."""
+    step_s: float                 # one training step: forward, backward, clip, AdamW
+    val_batch_s: float            # one validation batch
+    ckpt_s: float                 # one checkpoint file
+    fixed_s: float = 0.0          # the stage outside its steps (imports, MLflow, generations, model logging)
+    warmup_s: float = 0.0         # what the first step costs beyond step_s
+    loop_s: float = LOOP_STEP_S   # Lightning's per-step bookkeeping
+    log_s: float = LOG_POINT_S    # one logged point
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How often the stage validates and checkpoints (pretrain.val_every, val_batches, ckpt_every)."""
+    val_every: int
+    val_batches: int
+    ckpt_every: int
+
+
+# ----------------------------------------------------------------------------- pure arithmetic
 def param_count(n_layer: int, n_embd: int, vocab_size: int, intermediate_size: int | None = None) -> int:
     """Parameters of the Llama-style decoder we build (tied embeddings, no biases).
 
@@ -86,56 +119,69 @@ def shape_for_params(target: float, vocab_size: int, block_size: int, head_dim: 
     return best[1]
 
 
-def training_memory_bytes(n_params: float, n_layer: int, n_embd: int, n_head: int, batch: int, block: int) -> float:
-    """fp32 AdamW training memory: 16 B/param (weights, grads, two moments) + activations.
+def training_memory_bytes(n_params: float, n_layer: int, n_embd: int, n_head: int, batch: int, block: int,
+                          activation_factor: float = 2.0) -> float:
+    """AdamW training memory: 16 B/param (fp32 weights, grads, two moments) + activations.
 
-    Activations per layer ~ B*T*(34*d + 5*h*T) bytes in 16-bit (Korthikanti et al. 2022), x2 for fp32.
+    Activations per layer ~ B*T*(34*d + 5*h*T) bytes in 16-bit (Korthikanti et al. 2022); activation_factor
+    2 for fp32 training, 1 under bf16/fp16 autocast.
     """
     states = 16.0 * n_params
-    activations = 2.0 * n_layer * batch * block * (34 * n_embd + 5 * n_head * block)
+    activations = activation_factor * n_layer * batch * block * (34 * n_embd + 5 * n_head * block)
     return states + activations
 
 
-# ----------------------------------------------------------------------------- measuring
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Best-of-N fp32 matmul FLOP/s on this machine (2*n^3 per product)."""
-    import torch
+def stage_seconds(steps: int, costs: StepCosts, cadence: Cadence) -> float:
+    """Wall seconds of a pretrain stage of `steps` steps.
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up (thread pool, allocator)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
-
-
-def measure_train_throughput(shape: dict[str, int], batch: int, steps: int) -> float:
-    """Tokens/s of real AdamW training steps of the model we would build (first step excluded)."""
-    import torch
-
-    from components.model.build import build_model
-
-    torch.manual_seed(0)
-    model = build_model(shape)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, shape["vocab_size"], (batch, shape["block_size"]))  # (B, T)
-
-    def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * shape["block_size"] * steps / (time.perf_counter() - t0)
+    fixed + first-step extra + steps * (step + loop)
+    + validations * (val_batches * val_batch + one logged point)   validations = ceil(steps / val_every):
+                                                                   one per val_every, and the stage's final one
+    + (steps // ckpt_every) * CKPT_FILES * ckpt
+    + logged points * log,    points = steps // max(1, steps // POINTS_PER_CURVE)
+    """
+    n_val = math.ceil(steps / cadence.val_every)
+    n_ckpt = steps // cadence.ckpt_every
+    n_log = steps // max(1, steps // POINTS_PER_CURVE)
+    return (costs.fixed_s + costs.warmup_s + steps * (costs.step_s + costs.loop_s)
+            + n_val * (cadence.val_batches * costs.val_batch_s + costs.log_s)
+            + n_ckpt * CKPT_FILES * costs.ckpt_s + n_log * costs.log_s)
 
 
+def steps_for_budget(budget_s: float, costs: StepCosts, cadence: Cadence) -> int:
+    """The most steps whose stage_seconds fit in budget_s; at least 1 (a budget below the fixed costs
+    cannot be kept: the plan then says so through its planned seconds).
+
+    Bisection: stage_seconds only grows with steps except where the logging interval widens (e.g. 199
+    points at 199 steps, 100 at 200), a dip of a few points; the final walk-down settles any overshoot.
+    """
+    lo, hi = 1, 2
+    while stage_seconds(hi, costs, cadence) <= budget_s:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant (up to the dips): seconds(lo) <= budget < seconds(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if stage_seconds(mid, costs, cadence) <= budget_s else (lo, mid)
+    while lo > 1 and stage_seconds(lo, costs, cadence) > budget_s:
+        lo -= 1
+    return lo
+
+
+def sizing_curve(budget: float, tokens: float, vocab: int, block: int, ratio: float) -> list[dict]:
+    """Iso-FLOP candidates: for N around the optimum, D = C/(6N); the loss proxy favours D ~= ratio*N.
+
+    Loss proxy from Hoffmann et al. (2022) fit: L(N, D) = E + A/N^0.34 + B/D^0.28.
+    """
+    n_opt = math.sqrt(budget / (6.0 * ratio))
+    out = []
+    for factor in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0):
+        n = n_opt * factor
+        d = budget / (6.0 * n)
+        loss = 1.69 + 406.4 / n ** 0.34 + 410.7 / d ** 0.28
+        out.append({"n_params": n, "n_tokens": d, "epochs": d / max(tokens, 1.0), "loss_proxy": loss})
+    return out
+
+
+# ----------------------------------------------------------------------------- the corpus
 def available_train_tokens(settings: Settings) -> tuple[float, str]:
     """Training tokens the corpus offers: exact after the data stage, else estimated from bytes."""
     meta = layout.tokens_dir(settings) / "meta.json"
@@ -170,11 +216,11 @@ def _source_bytes(settings: Settings) -> float:
 # ----------------------------------------------------------------------------- the stage
 @dataclass
 class ScopingReport:
-    matmul_flops: float
-    train_tokens_per_sec: float
-    achieved_flops: float
+    matmul_flops: float           # peak of the training device in the training dtype (pretrain's MFU base)
+    train_tokens_per_sec: float   # the chosen shape's probed training steps (all ranks)
+    achieved_flops: float         # 6 * N * that rate
     tokens_source: str
-    plan: dict
+    plan: dict                    # the Chinchilla plan for what the budget buys at the measured rate
     model: dict
     n_params: int
     pretrain_steps: int
@@ -184,15 +230,53 @@ class ScopingReport:
     candidates: list[dict] = field(default_factory=list)
     plan_key: str = ""
     reused: bool = False
+    accelerator: str = "cpu"
+    device_name: str = ""
+    precision: str = "32-true"
+    world_size: int = 1
+    budget_seconds: float | None = None      # None when scoping.budget_flops sets the budget
+    planned_pretrain_seconds: float = 0.0    # stage_seconds(pretrain_steps): what the lifecycle compares with
+    tokens_to_train: float = 0.0             # pretrain_steps * batch * block * ranks
+    costs: dict = field(default_factory=dict)
+    probes: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
-def plan_key(settings: Settings) -> str:
-    """What the plan depends on besides measurements: its inputs' params. Equal keys reuse the plan."""
+def plan_key(settings: Settings, accelerator: str, device_name: str, precision: str) -> str:
+    """What the plan depends on besides measurements: its inputs' params and the device and precision
+    it was measured on. Equal keys reuse the plan."""
     import hashlib
 
-    parts = {k: getattr(settings, k).model_dump(mode="json") for k in ("scoping", "data", "tokenizer", "model")}
-    parts["batch_size"] = settings.pretrain.batch_size
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    import torch
+
+    parts: dict = {k: getattr(settings, k).model_dump(mode="json") for k in ("scoping", "data", "tokenizer", "model")}
+    pt = settings.pretrain
+    parts["pretrain"] = {k: getattr(pt, k, None) for k in (
+        "batch_size", "val_every", "val_batches", "ckpt_every", "grad_clip", "devices", "num_nodes", "strategy",
+        "compile", "kernels", "fused_adamw")}
+    parts["target"] = {"accelerator": accelerator, "device": device_name, "precision": precision,
+                       "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Candidate:
+    shape: dict
+    n_params: int
+    costs: StepCosts
+    steps: int
+    plan: Plan      # the optimum for what this shape's steps buy (or the fixed budget_flops plan)
+
+
+def _reused(previous: Path, key: str) -> ScopingReport | None:
+    cached = json.loads(previous.read_text())
+    if cached.get("plan_key") != key:
+        return None
+    names = {f.name for f in fields(ScopingReport)}
+    try:
+        return ScopingReport(**{**{k: v for k, v in cached.items() if k in names}, "reused": True})
+    except TypeError:  # written by an older version of this module: measure again
+        return None
 
 
 def run(settings: Settings, measure_steps: int | None = None, reuse: bool = False) -> ScopingReport:
@@ -201,69 +285,117 @@ def run(settings: Settings, measure_steps: int | None = None, reuse: bool = Fals
     reuse=True returns the previous plan when its inputs (plan_key) are unchanged: measurements are
     noisy, and a re-run of the lifecycle must build the same model to be reproducible.
     """
-    sc = settings.scoping
-    key = plan_key(settings)
-    previous = layout.scoping_dir(settings) / "report.json"
-    if reuse and previous.exists() and (layout.scoping_dir(settings) / "model.json").exists():
-        cached = json.loads(previous.read_text())
-        if cached.get("plan_key") == key:
-            cached["reused"] = True
-            return ScopingReport(**cached)
-    base = dict(PRESETS["tiny"])
-    block = settings.model.block_size or base["block_size"]
+    from components import scoping_probe
+
+    sc, pt = settings.scoping, settings.pretrain
+    target = scoping_probe.training_target(pt)
+    key = plan_key(settings, target.device, target.name, target.precision)
+    out = layout.scoping_dir(settings)
+    if reuse and (out / "report.json").exists() and (out / "model.json").exists():
+        cached = _reused(out / "report.json", key)
+        if cached is not None:
+            return cached
+    block = settings.model.block_size or PRESETS["tiny"]["block_size"]
     vocab = settings.tokenizer.vocab_size
-    batch = settings.pretrain.batch_size
-
-    matmul = measure_matmul_flops()
-    probe = dict(base, block_size=block, vocab_size=vocab, intermediate_size=default_intermediate(base["n_embd"]))
-    tps = measure_train_throughput(probe, batch, measure_steps or sc.measure_steps)
-    # What training really achieves here: 6*N FLOPs per token at the measured token rate.
-    achieved = 6.0 * param_count(probe["n_layer"], probe["n_embd"], vocab) * tps
-    budget = sc.budget_flops or sc.budget_minutes * 60.0 * achieved
-
+    step_tokens = pt.batch_size * block * target.world_size
+    cadence = Cadence(pt.val_every, pt.val_batches, pt.ckpt_every)
+    r = sc.tokens_per_param
+    budget_s = None if sc.budget_flops else sc.budget_minutes * 60.0
     tokens, tokens_source = available_train_tokens(settings)
-    plan = chinchilla_plan(budget, tokens, sc.tokens_per_param, sc.max_epochs)
-    if plan.n_params < sc.min_params:
-        need_flops = 6.0 * sc.min_params * sc.tokens_per_param * sc.min_params
-        need_tokens = sc.tokens_per_param * sc.min_params / sc.max_epochs
-        why = (f"needs a budget of {need_flops:.3g} FLOPs (~{need_flops / achieved / 60:.1f} min here)"
-               if not plan.data_limited else f"needs >= {need_tokens:,.0f} training tokens (have {tokens:,.0f})")
-        raise ConfigError(
-            f"scoping: the plan gives {plan.n_params:,.0f} parameters, below scoping.min_params="
-            f"{sc.min_params:,}; a model that small {why} (scoping.budget_minutes / budget_flops, data.source)")
+    matmul = scoping_probe.measure_matmul_flops(target)
 
-    shape = shape_for_params(plan.n_params, vocab, block)
-    shape["vocab_size"] = vocab
-    n_params = param_count(shape["n_layer"], shape["n_embd"], vocab, shape["intermediate_size"])
-    steps = max(1, int(plan.n_tokens // (batch * block)))
-    memory = training_memory_bytes(n_params, shape["n_layer"], shape["n_embd"], shape["n_head"], batch, block)
+    def floor(n_opt: float) -> float:
+        return max(n_opt, float(sc.min_params))  # raised to the smallest sensible model (refused below, if too far)
+
+    if budget_s is None:
+        plan = chinchilla_plan(sc.budget_flops, tokens, r, sc.max_epochs)
+    else:  # first guess only: the probes replace this rate with the measured one
+        guess_s = max(budget_s - sc.stage_overhead_s, 0.1 * budget_s)
+        plan = chinchilla_plan(guess_s * matmul * FIRST_GUESS_MFU * target.world_size, tokens, r, sc.max_epochs)
+    shape = shape_for_params(floor(plan.n_params), vocab, block)
+    candidates: list[_Candidate] = []
+    for _ in range(sc.probe_rounds):
+        if any(c.shape == shape for c in candidates):
+            break  # settled (or back to a shape already measured)
+        full = dict(shape, vocab_size=vocab)
+        n = param_count(shape["n_layer"], shape["n_embd"], vocab, shape["intermediate_size"])
+        p = scoping_probe.probe(full, pt, target, measure_steps or sc.measure_steps, scratch=out)
+        costs = StepCosts(step_s=p.step_s, val_batch_s=p.val_batch_s, ckpt_s=p.ckpt_s, fixed_s=sc.stage_overhead_s,
+                          warmup_s=max(0.0, p.warmup_s - p.step_s))
+        if budget_s is None:
+            steps = max(1, int(plan.n_tokens // step_tokens))
+            shape_plan = plan
+        else:
+            steps = steps_for_budget(budget_s, costs, cadence)
+            # What this shape trains in the budget, as FLOPs, sets the optimum for the next round.
+            shape_plan = chinchilla_plan(6.0 * n * steps * step_tokens, tokens, r, sc.max_epochs)
+            if shape_plan.data_limited:  # more epochs would not pay off: stop early, under budget
+                steps = min(steps, max(1, math.ceil(tokens * sc.max_epochs / step_tokens)))
+        candidates.append(_Candidate(shape=shape, n_params=n, costs=costs, steps=steps, plan=shape_plan))
+        shape = shape_for_params(floor(shape_plan.n_params), vocab, block)
+    # The probed shape closest to the Chinchilla ratio at its own measured speed (robust to a noisy probe
+    # that would send the search back and forth).
+    best = min(candidates, key=lambda c: abs(math.log(c.steps * step_tokens / (r * c.n_params))))
+    _refuse_too_small(best, sc, tokens, step_tokens)
+    return _finish(settings, target, key, matmul, best, candidates, cadence, budget_s, step_tokens,
+                   tokens_source)
+
+
+def _refuse_too_small(best: _Candidate, sc: ScopingConfig, tokens: float, step_tokens: int) -> None:
+    """ConfigError when the optimum lies more than MIN_PARAMS_SLACK below scoping.min_params."""
+    if best.plan.n_params * MIN_PARAMS_SLACK >= sc.min_params:
+        return
+    achieved = 6.0 * best.n_params * step_tokens / best.costs.step_s
+    need_flops = 6.0 * sc.min_params * sc.tokens_per_param * sc.min_params
+    need_tokens = sc.tokens_per_param * sc.min_params / sc.max_epochs
+    why = (f"needs a budget of {need_flops:.3g} FLOPs (~{need_flops / achieved / 60:.1f} min of training here)"
+           if not best.plan.data_limited else f"needs >= {need_tokens:,.0f} training tokens (have {tokens:,.0f})")
+    raise ConfigError(
+        f"scoping: the plan gives {best.plan.n_params:,.0f} parameters, below scoping.min_params="
+        f"{sc.min_params:,}; a model that small {why} (scoping.budget_minutes / budget_flops, data.source)")
+
+
+def _finish(settings: Settings, target, key: str, matmul: float, best: _Candidate, candidates: list[_Candidate],
+            cadence: Cadence, budget_s: float | None, step_tokens: int, tokens_source: str) -> ScopingReport:
+    """The report of the chosen candidate; writes model.json (scoping.apply) and report.json."""
+    sc, pt = settings.scoping, settings.pretrain
+    shape = dict(best.shape, vocab_size=settings.tokenizer.vocab_size)
+    tps = step_tokens / best.costs.step_s
+    planned = stage_seconds(best.steps, best.costs, cadence)
+    notes = []
+    if best.plan.n_params < sc.min_params:
+        notes.append(f"optimum {best.plan.n_params:,.0f} parameters raised to scoping.min_params={sc.min_params:,}")
+    if budget_s is not None and planned > budget_s * 1.001:
+        notes.append(f"the budget ({budget_s:.0f} s) is below the stage's fixed costs plus one step "
+                     f"(scoping.stage_overhead_s={sc.stage_overhead_s:g}): planned {planned:.0f} s")
+    if best.plan.data_limited:
+        notes.append("data-limited: the plan stops at scoping.max_epochs, before the budget is spent")
+    if pt.compile:
+        notes.append("probed eager: pretrain.compile trades ~40 s of compilation for faster steps")
+    mixed = target.precision.endswith("-mixed") or target.precision.startswith(("bf16", "16"))
+    memory = training_memory_bytes(best.n_params, shape["n_layer"], shape["n_embd"], shape["n_head"], pt.batch_size,
+                                   shape["block_size"], activation_factor=1.0 if mixed else 2.0)
     report = ScopingReport(
-        matmul_flops=matmul, train_tokens_per_sec=tps, achieved_flops=achieved, tokens_source=tokens_source,
-        plan=asdict(plan), model=shape, n_params=n_params, pretrain_steps=steps,
-        train_memory_gb=memory / 1e9, serving_ms_per_token=2.0 * n_params / matmul * 1e3,
-        success=sc.success.model_dump(), candidates=sizing_curve(budget, tokens, vocab, block, sc.tokens_per_param),
-        plan_key=key)
+        matmul_flops=matmul, train_tokens_per_sec=tps, achieved_flops=6.0 * best.n_params * tps,
+        tokens_source=tokens_source, plan=asdict(best.plan), model=shape, n_params=best.n_params,
+        pretrain_steps=best.steps, train_memory_gb=memory / 1e9,
+        serving_ms_per_token=2.0 * best.n_params / matmul * 1e3, success=sc.success.model_dump(),
+        candidates=sizing_curve(best.plan.budget_flops, best.plan.available_tokens, shape["vocab_size"],
+                                shape["block_size"], sc.tokens_per_param),
+        plan_key=key, accelerator=target.device, device_name=target.name, precision=target.precision,
+        world_size=target.world_size, budget_seconds=budget_s, planned_pretrain_seconds=planned,
+        tokens_to_train=float(best.steps * step_tokens),
+        costs=asdict(best.costs),
+        probes=[{"n_layer": c.shape["n_layer"], "n_embd": c.shape["n_embd"], "n_params": c.n_params,
+                 "step_s": c.costs.step_s, "tokens_per_sec": step_tokens / c.costs.step_s, "steps": c.steps,
+                 "tokens_per_param": c.steps * step_tokens / c.n_params} for c in candidates],
+        notes=notes)
     out = layout.scoping_dir(settings)
     out.mkdir(parents=True, exist_ok=True)
     if sc.apply:
         _atomic_json(out / "model.json", {k: v for k, v in shape.items() if k != "vocab_size"})
     _atomic_json(out / "report.json", asdict(report))
     return report
-
-
-def sizing_curve(budget: float, tokens: float, vocab: int, block: int, ratio: float) -> list[dict]:
-    """Iso-FLOP candidates: for N around the optimum, D = C/(6N); the loss proxy favours D ~= ratio*N.
-
-    Loss proxy from Hoffmann et al. (2022) fit: L(N, D) = E + A/N^0.34 + B/D^0.28.
-    """
-    n_opt = math.sqrt(budget / (6.0 * ratio))
-    out = []
-    for factor in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0):
-        n = n_opt * factor
-        d = budget / (6.0 * n)
-        loss = 1.69 + 406.4 / n ** 0.34 + 410.7 / d ** 0.28
-        out.append({"n_params": n, "n_tokens": d, "epochs": d / max(tokens, 1.0), "loss_proxy": loss})
-    return out
 
 
 def _atomic_json(path: Path, obj: object) -> None:
@@ -298,17 +430,32 @@ def summary_rows(report: ScopingReport) -> list[tuple[str, str]]:
     """The scoping report as (what, value) rows for the console table and MLflow."""
     p = report.plan
     m = report.model
-    return [
-        ("matmul peak (fp32)", f"{report.matmul_flops / 1e9:.1f} GFLOP/s"),
-        ("training throughput (probe)", f"{report.train_tokens_per_sec:,.0f} tokens/s"),
-        ("compute budget", f"{p['budget_flops']:.3g} FLOPs"),
+    c = report.costs
+    budget = f"{report.budget_seconds:.0f} s" if report.budget_seconds is not None else f"{p['budget_flops']:.3g} FLOPs"
+    trained = report.tokens_to_train
+    mfu = report.achieved_flops / (report.matmul_flops * report.world_size)
+    rows = [
+        ("training device", f"{report.device_name} ({report.accelerator}, {report.precision}"
+                            f"{f', {report.world_size} ranks' if report.world_size > 1 else ''})"),
+        ("matmul peak", f"{report.matmul_flops / 1e9:.1f} GFLOP/s"),
+        ("training throughput (probe, chosen shape)", f"{report.train_tokens_per_sec:,.0f} tokens/s "
+                                                      f"({mfu:.0%} MFU)"),
+        ("probed shapes", ", ".join(f"{x['n_layer']}x{x['n_embd']}: {x['tokens_per_sec']:,.0f} tok/s"
+                                    for x in report.probes)),
+        ("budget", budget),
+        ("compute the budget buys", f"{p['budget_flops']:.3g} FLOPs"),
         ("training tokens available", f"{p['available_tokens']:,.0f} ({report.tokens_source})"),
         ("chosen model", f"{m['n_layer']} layers x {m['n_embd']} dims, {m['n_head']} heads, ctx {m['block_size']}"),
-        ("parameters", f"{report.n_params:,} (plan {p['n_params']:,.0f})"),
-        ("tokens to train", f"{p['n_tokens']:,.0f} ({p['epochs']:.2f} epochs{', data-limited' if p['data_limited'] else ''})"),
-        ("pretrain steps at this batch", f"{report.pretrain_steps:,}"),
-        ("training memory (fp32 AdamW)", f"{report.train_memory_gb:.2f} GB"),
+        ("parameters", f"{report.n_params:,} (optimum {p['n_params']:,.0f})"),
+        ("tokens to train", f"{trained:,.0f} ({trained / max(p['available_tokens'], 1.0):.2f} epochs"
+                            f"{', data-limited' if p['data_limited'] else ''})"),
+        ("pretrain steps", f"{report.pretrain_steps:,}"),
+        ("planned pretrain wall time", f"{report.planned_pretrain_seconds:.0f} s (step {c.get('step_s', 0) * 1e3:.0f} ms, "
+                                       f"val batch {c.get('val_batch_s', 0) * 1e3:.0f} ms, checkpoint "
+                                       f"{c.get('ckpt_s', 0) * 1e3:.0f} ms, fixed {c.get('fixed_s', 0):.0f} s)"),
+        ("training memory (AdamW)", f"{report.train_memory_gb:.2f} GB"),
         ("serving latency estimate (compute-bound)", f"{report.serving_ms_per_token * 1e3:.1f} us/token"),
-        ("success: max val perplexity", f"{report.success['max_val_perplexity']}"),
-        ("success: min syntax-valid rate", f"{report.success['min_syntax_valid_rate']}"),
     ]
+    rows += [(f"success: {k.replace('_', ' ')}", str(v)) for k, v in report.success.items()]
+    rows += [("note", n) for n in report.notes]
+    return rows

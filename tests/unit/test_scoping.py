@@ -1,4 +1,5 @@
-"""Scoping arithmetic against hand-computed Chinchilla numbers, and the refusal of a too-small budget."""
+"""Scoping: hand-computed Chinchilla and budget-to-steps arithmetic, the plan key (device, precision),
+the probe at a tiny shape, the sizing loop with a fake probe, and the refusal of a too-small budget."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,14 @@ import pytest
 from components import config as cfg
 from components import scoping
 from components.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _short_probes(monkeypatch):
+    """Scoping's probes time >= 2 s of steps on a shared machine; in tests the minimum steps suffice."""
+    from components import scoping_probe
+
+    monkeypatch.setattr(scoping_probe, "PROBE_SECONDS", 0.0)
 
 
 def test_param_count_by_hand():
@@ -63,3 +72,108 @@ def test_run_writes_plan_and_refuses_too_small_budget(tiny_settings):
     with pytest.raises(ConfigError, match="min_params") as err:
         scoping.run(s, measure_steps=1)
     assert "FLOPs" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- budget -> steps
+COSTS = scoping.StepCosts(step_s=0.5, val_batch_s=0.2, ckpt_s=0.1, fixed_s=10.0, warmup_s=0.0, loop_s=0.0, log_s=0.02)
+CADENCE = scoping.Cadence(val_every=50, val_batches=8, ckpt_every=50)
+
+
+def test_stage_seconds_by_hand():
+    # 300 steps: fixed 10 + 300 * 0.5 = 150
+    #   validations ceil(300/50) = 6, each 8 * 0.2 + 0.02 (its logged point) = 1.62 -> 9.72
+    #   checkpoints 300 // 50 = 6, two files each at 0.1 -> 1.2
+    #   logged points: every max(1, 300 // 100) = 3 steps -> 100 points * 0.02 = 2.0
+    # total 10 + 150 + 9.72 + 1.2 + 2.0 = 172.92
+    assert scoping.stage_seconds(300, COSTS, CADENCE) == pytest.approx(172.92)
+    # 301 steps: one more step (0.5) and one more (final) validation (1.62): 175.04
+    assert scoping.stage_seconds(301, COSTS, CADENCE) == pytest.approx(175.04)
+    # warm-up extra and Lightning's per-step cost: + 2 + 300 * 0.01 = 5
+    slower = scoping.StepCosts(**{**COSTS.__dict__, "warmup_s": 2.0, "loop_s": 0.01})
+    assert scoping.stage_seconds(300, slower, CADENCE) == pytest.approx(177.92)
+
+
+def test_steps_for_budget_by_hand():
+    assert scoping.steps_for_budget(172.92 + 1e-9, COSTS, CADENCE) == 300
+    assert scoping.steps_for_budget(175.0, COSTS, CADENCE) == 300      # 301 steps need 175.04
+    assert scoping.steps_for_budget(175.05, COSTS, CADENCE) == 301
+    # 1 step: 10 + 0.5 + one validation 1.62 + one point 0.02 = 12.14; below the fixed costs: still 1
+    assert scoping.stage_seconds(1, COSTS, CADENCE) == pytest.approx(12.14)
+    assert scoping.steps_for_budget(5.0, COSTS, CADENCE) == 1
+
+
+# ----------------------------------------------------------------------------- plan key
+def test_plan_key_includes_accelerator_and_precision(tiny_settings):
+    key = scoping.plan_key(tiny_settings, "cpu", "cpu: X x2 threads", "32-true")
+    assert key == scoping.plan_key(tiny_settings, "cpu", "cpu: X x2 threads", "32-true")
+    others = {scoping.plan_key(tiny_settings, "cuda", "NVIDIA H200", "bf16-mixed"),
+              scoping.plan_key(tiny_settings, "cuda", "NVIDIA H200", "16-mixed"),
+              scoping.plan_key(tiny_settings, "cuda", "NVIDIA A100-SXM4-80GB", "bf16-mixed"),
+              scoping.plan_key(tiny_settings, "cpu", "cpu: X x2 threads", "bf16-mixed"),
+              scoping.plan_key(tiny_settings, "cpu", "cpu: X x16 threads", "32-true")}
+    assert key not in others and len(others) == 5
+    # The stage's costs depend on the validation cadence too.
+    s = cfg.load(tiny_settings.root / "params.yaml", ["pretrain.val_every=7"])
+    assert scoping.plan_key(s, "cpu", "cpu: X x2 threads", "32-true") != key
+
+
+# ----------------------------------------------------------------------------- measuring
+def test_training_target_on_cpu(tiny_settings):
+    from components import scoping_probe
+
+    t = scoping_probe.training_target(tiny_settings.pretrain.model_copy(update={"precision": "auto"}))
+    assert (t.device, t.precision, t.world_size) == ("cpu", "32-true", 1)
+    assert t.name.startswith("cpu: ") and "threads" in t.name
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_probe_runs_at_a_tiny_shape(tiny_settings, tmp_path, precision):
+    from components import scoping_probe
+
+    shape = dict(n_layer=1, n_head=1, n_embd=16, block_size=8, intermediate_size=32, vocab_size=50)
+    cfg_ = tiny_settings.pretrain.model_copy(update={"batch_size": 2, "precision": precision})
+    target = scoping_probe.Target(device="cpu", name="cpu", precision=precision, world_size=1)
+    p = scoping_probe.probe(shape, cfg_, target, steps=2, scratch=tmp_path / "scratch")
+    assert 0 < p.step_s < 5 and 0 < p.val_batch_s < 5 and 0 < p.ckpt_s < 5 and p.warmup_s > 0
+    assert list((tmp_path / "scratch").iterdir()) == []  # the checkpoint file is removed
+
+
+def test_run_sizes_with_the_measured_rate_and_keeps_the_budget(tiny_settings, monkeypatch):
+    """A fake probe at a constant 100 GFLOP/s (6N per token), a corpus too big to limit: the loop must
+    settle on a shape trained near tokens_per_param, and plan a stage that spends the budget (up to one
+    step) without exceeding it."""
+    from components import scoping_probe
+
+    seen = []
+
+    def fake_probe(shape, cfg_, target, steps, scratch=None):
+        n = scoping.param_count(shape["n_layer"], shape["n_embd"], shape["vocab_size"], shape["intermediate_size"])
+        seen.append(n)
+        step = 6.0 * n * cfg_.batch_size * shape["block_size"] / 1e11
+        return scoping_probe.Probe(step_s=step, val_batch_s=step / 3, ckpt_s=0.01, warmup_s=step)
+
+    monkeypatch.setattr(scoping_probe, "probe", fake_probe)
+    monkeypatch.setattr(scoping, "available_train_tokens", lambda settings: (1e10, "test"))
+    s = cfg.load(tiny_settings.root / "params.yaml", [
+        "scoping.budget_minutes=10", "scoping.stage_overhead_s=20", "scoping.min_params=1000",
+        "tokenizer.vocab_size=4096", "pretrain.batch_size=16", "pretrain.val_every=50", "pretrain.ckpt_every=50"])
+    report = scoping.run(s, measure_steps=1)
+    assert report.budget_seconds == 600
+    assert 600 - report.costs["step_s"] - 2 <= report.planned_pretrain_seconds <= 600
+    assert 1 <= len(seen) <= s.scoping.probe_rounds
+    ratio = report.tokens_to_train / report.n_params
+    assert 20 / 2 < ratio < 20 * 2  # the shape grid is coarse: within 2x of Chinchilla's 20 tokens/param
+    assert report.achieved_flops == pytest.approx(1e11)
+
+
+def test_reuse_only_on_the_same_device_and_precision(tiny_settings, monkeypatch):
+    from components import scoping_probe
+
+    first = scoping.run(tiny_settings, measure_steps=1)
+    again = scoping.run(tiny_settings, measure_steps=1, reuse=True)
+    assert again.reused and again.plan_key == first.plan_key and again.model == first.model
+    gpu = scoping_probe.Target(device="cpu", name="NVIDIA H200", precision="bf16-mixed", world_size=1)
+    monkeypatch.setattr(scoping_probe, "training_target", lambda cfg_: gpu)
+    other = scoping.run(tiny_settings, measure_steps=1, reuse=True)
+    assert not other.reused and other.plan_key != first.plan_key
+    assert (other.device_name, other.precision) == ("NVIDIA H200", "bf16-mixed")
