@@ -61,3 +61,10 @@ def apply_liger(model: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
         for name, value in saved.items():
             setattr(modeling_llama, name, value)
     return LigerFusedLinearCrossEntropyLoss()
+
+
+def remove_liger(model: Any) -> None:
+    """Undo apply_liger on this instance: its modules answer with their own class's forward again."""
+    for module in model.modules():
+        for name in ("forward", "extra_repr"):  # liger binds both on the instance (module.__dict__)
+            module.__dict__.pop(name, None)

@@ -21,7 +21,7 @@ import torch
 from components import tracking
 from components.config import Settings, TrainConfig
 from components.data import layout
-from components.errors import ConfigError
+from components.errors import ConfigError, TrainingError
 from components.model.build import count_parameters, load_causal_lm
 from components.training.data import TokenData
 from components.training.losses import causal_lm_loss
@@ -133,23 +133,53 @@ def _module_class() -> type:
         def setup(self, stage: str) -> None:
             if self._loss_fn is not None:
                 return
-            from components.model.kernels import apply_liger, resolve_kernels
+            from components.model.kernels import resolve_kernels
+
+            # Resolved before any step (an explicit liger on CPU fails here); applied in on_fit_start.
+            self.kernels = resolve_kernels(getattr(self.cfg, "kernels", "none"), self.trainer.strategy.root_device.type)
+            loss = functools.partial(lm_loss, self.model)
+            self._loss_fn = compile_loss(loss) if self.cfg.compile else loss
+
+        def _use_liger(self) -> None:
+            """Switch the loss path to liger's kernels once a probe step on this device matches the plain loss.
+
+            The probe (a (2, 16) batch in the run's precision, forward and backward) is the only run these
+            kernels get before training: on a mismatch or an error, `auto` falls back to the plain path with
+            a warning, an explicit `liger` stops with the cause.
+            """
+            from components.model.kernels import apply_liger, remove_liger
 
             model = self.model
-            self.kernels = resolve_kernels(getattr(self.cfg, "kernels", "none"), self.trainer.strategy.root_device.type)
-            if self.kernels == "liger":
+            x = torch.randint(0, model.config.vocab_size, (2, 17), device=self.device)      # (2, 16 + 1)
+            try:
+                with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                    expected = float(lm_loss(model, x[:, :-1], x[:, 1:]))
                 fused_ce = apply_liger(model)
-                # The fused loss launches its own kernels (and reads the token count): compile the trunk only.
-                trunk = torch.compile(model.get_decoder()) if self.cfg.compile else model.get_decoder()
 
-                def liger_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                def liger_loss(trunk: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                     hidden = trunk(input_ids=x, use_cache=False).last_hidden_state             # (B, T, C)
                     head = model.get_output_embeddings().weight                                 # (V, C)
                     return fused_ce(head, hidden.flatten(0, 1), y.flatten())                    # no (B*T, V) logits
-                self._loss_fn = liger_loss
-            else:
-                loss = functools.partial(lm_loss, model)
-                self._loss_fn = compile_loss(loss) if self.cfg.compile else loss
+
+                with self.trainer.precision_plugin.forward_context():
+                    got = liger_loss(model.get_decoder(), x[:, :-1], x[:, 1:])
+                got.backward()
+                grads_ok = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+                model.zero_grad(set_to_none=True)
+                if not (math.isclose(float(got), expected, rel_tol=2e-2) and grads_ok):
+                    raise RuntimeError(f"probe loss {float(got):.4f} vs plain {expected:.4f}, finite grads {grads_ok}")
+            except Exception as exc:  # any failure of an untried kernel on this device
+                remove_liger(model)
+                model.zero_grad(set_to_none=True)
+                if self.cfg.kernels == "liger":
+                    raise TrainingError(f"pretrain.kernels=liger failed its probe step on {self.device}: {exc}; "
+                                        "set pretrain.kernels=none") from exc
+                warnings.warn(f"pretrain.kernels=auto: liger failed its probe step ({exc}); training without it")
+                self.kernels = "none"
+                return
+            # The fused loss launches its own kernels (and reads the token count): compile the trunk only.
+            trunk = torch.compile(model.get_decoder()) if self.cfg.compile else model.get_decoder()
+            self._loss_fn = functools.partial(liger_loss, trunk)
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, use_cache=False).logits         # (B, T, V)
@@ -172,6 +202,9 @@ def _module_class() -> type:
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         def on_fit_start(self) -> None:
+            if self.kernels == "liger" and not getattr(self, "_liger_on", False):  # the model is on its device now
+                self._liger_on = True
+                self._use_liger()
             if self.peak_flops is None:
                 self.peak_flops = peak_flops(self.settings, self.device, self.trainer.precision) \
                     if self.settings is not None else measure_matmul_flops(self.device, self.trainer.precision)
