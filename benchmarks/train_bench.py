@@ -29,7 +29,8 @@ from components import tracking
 from components.data import layout
 from components.model.build import build_model, count_parameters
 from components.training.data import TokenData
-from components.training.pretrain import flops_per_token, lm_loss, measure_matmul_flops
+from components.training.hot_path import lm_loss
+from components.training.pretrain import flops_per_token, measure_matmul_flops
 from components.training.trainer import configure_adamw, cosine_with_warmup, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]

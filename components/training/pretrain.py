@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -21,10 +20,10 @@ import torch
 from components import tracking
 from components.config import Settings, TrainConfig
 from components.data import layout
-from components.errors import ConfigError, TrainingError
+from components.errors import ConfigError
 from components.model.build import count_parameters, load_causal_lm
 from components.training.data import TokenData
-from components.training.losses import causal_lm_loss
+from components.training.hot_path import compile_loss, liger_loss_fn, lm_loss
 from components.training.stages import RUN_ID_FILE, is_launch_rank_zero, open_stage_run
 from components.training.trainer import (build_trainer, configure_adamw, cosine_with_warmup, fit, last_checkpoint,
                                          loader_options, to_training_device)
@@ -68,40 +67,6 @@ def peak_flops(settings: Settings, device: torch.device, precision: str) -> floa
     return measure_matmul_flops(device, precision)
 
 
-# ----------------------------------------------------------------------------- the hot path
-def lm_loss(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """causal_lm_loss of a HF causal LM on inputs x and targets y, both (B, T); no KV cache while training.
-
-    The decoder then the head, as LlamaForCausalLM.forward does, so torch.compile sees model and loss as
-    one function and Inductor can fuse the logits' upcast into the cross-entropy.
-    """
-    hidden = model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state       # (B, T, C)
-    return causal_lm_loss(model.get_output_embeddings()(hidden), y)                   # (B, T, V) -> ()
-
-
-def compile_loss(fn: Any) -> Any:
-    """torch.compile(fn) as one full graph (forward + loss fused by Inductor); a partial graph if it breaks.
-
-    fullgraph=True holds for the HF Llama trunk + causal_lm_loss (transformers 5.24, checked on CPU);
-    a model patched with other kernels may not trace whole, and then graph breaks are allowed instead.
-    """
-    full, partial = torch.compile(fn, fullgraph=True), None
-
-    def call(*args: Any) -> torch.Tensor:
-        nonlocal full, partial
-        if full is not None:
-            try:
-                return full(*args)
-            except torch._dynamo.exc.Unsupported as exc:
-                warnings.warn(f"pretrain.compile: no full graph ({str(exc).splitlines()[0][:160]}); "
-                              "compiling with graph breaks")
-                full = None
-        if partial is None:
-            partial = torch.compile(fn)
-        return partial(*args)
-    return call
-
-
 # ----------------------------------------------------------------------------- the LightningModule
 @functools.lru_cache(maxsize=None)
 def _module_class() -> type:
@@ -141,45 +106,13 @@ def _module_class() -> type:
             self._loss_fn = compile_loss(loss) if self.cfg.compile else loss
 
         def _use_liger(self) -> None:
-            """Switch the loss path to liger's kernels once a probe step on this device matches the plain loss.
-
-            The probe (a (2, 16) batch in the run's precision, forward and backward) is the only run these
-            kernels get before training: on a mismatch or an error, `auto` falls back to the plain path with
-            a warning, an explicit `liger` stops with the cause.
-            """
-            from components.model.kernels import apply_liger, remove_liger
-
-            model = self.model
-            x = torch.randint(0, model.config.vocab_size, (2, 17), device=self.device)      # (2, 16 + 1)
-            try:
-                with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-                    expected = float(lm_loss(model, x[:, :-1], x[:, 1:]))
-                fused_ce = apply_liger(model)
-
-                def liger_loss(trunk: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                    hidden = trunk(input_ids=x, use_cache=False).last_hidden_state             # (B, T, C)
-                    head = model.get_output_embeddings().weight                                 # (V, C)
-                    return fused_ce(head, hidden.flatten(0, 1), y.flatten())                    # no (B*T, V) logits
-
-                with self.trainer.precision_plugin.forward_context():
-                    got = liger_loss(model.get_decoder(), x[:, :-1], x[:, 1:])
-                got.backward()
-                grads_ok = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-                model.zero_grad(set_to_none=True)
-                if not (math.isclose(float(got), expected, rel_tol=2e-2) and grads_ok):
-                    raise RuntimeError(f"probe loss {float(got):.4f} vs plain {expected:.4f}, finite grads {grads_ok}")
-            except Exception as exc:  # any failure of an untried kernel on this device
-                remove_liger(model)
-                model.zero_grad(set_to_none=True)
-                if self.cfg.kernels == "liger":
-                    raise TrainingError(f"pretrain.kernels=liger failed its probe step on {self.device}: {exc}; "
-                                        "set pretrain.kernels=none") from exc
-                warnings.warn(f"pretrain.kernels=auto: liger failed its probe step ({exc}); training without it")
+            """liger's kernels for the loss path, after hot_path's probe step on this device (auto may fall back)."""
+            fn = liger_loss_fn(self.model, self.trainer.precision_plugin.forward_context, self.cfg.compile,
+                               explicit=self.cfg.kernels == "liger")
+            if fn is None:
                 self.kernels = "none"
-                return
-            # The fused loss launches its own kernels (and reads the token count): compile the trunk only.
-            trunk = torch.compile(model.get_decoder()) if self.cfg.compile else model.get_decoder()
-            self._loss_fn = functools.partial(liger_loss, trunk)
+            else:
+                self._loss_fn = fn
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, use_cache=False).logits         # (B, T, V)

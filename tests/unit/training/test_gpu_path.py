@@ -261,3 +261,39 @@ def test_nan_guard_reads_once_per_logging_interval_and_names_the_first_bad_step(
     assert "last good checkpoint: none" in msg and last_checkpoint(s, "pretrain") is None  # none was due yet
     (run,) = stage_runs(s)
     assert run.info.status == "FAILED"
+
+
+# ----------------------------------------------------------------------------- the loss path
+def _tiny_llama():
+    from components.model.build import build_model
+
+    torch.manual_seed(0)
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 32, "intermediate_size": 32, "vocab_size": 64}
+    return build_model(shape).train(), torch.randint(0, 64, (2, 17))              # model, (B, T + 1) window
+
+
+def test_lm_loss_is_the_models_forward_and_causal_lm_loss():
+    from components.training.hot_path import lm_loss
+    from components.training.losses import causal_lm_loss
+
+    model, w = _tiny_llama()
+    x, y = w[:, :-1], w[:, 1:]
+    assert torch.equal(lm_loss(model, x, y), causal_lm_loss(model(input_ids=x).logits, y))
+
+
+@pytest.mark.slow
+def test_compile_loss_traces_the_llama_loss_as_one_graph():
+    """pretrain.compile: fullgraph=True holds for trunk + head + loss (no fallback warning), same value."""
+    import warnings
+
+    from components.training.hot_path import compile_loss, lm_loss
+
+    model, w = _tiny_llama()
+    x, y = w[:, :-1], w[:, 1:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = compile_loss(lambda a, b: lm_loss(model, a, b))(x, y)
+    assert not [w for w in caught if "no full graph" in str(w.message)]
+    assert torch.allclose(compiled, lm_loss(model, x, y), rtol=1e-4)
+    compiled.backward()
+    assert all(p.grad is not None for p in model.parameters())
