@@ -37,7 +37,7 @@ class ScopingConfig(Section):
     tokens_per_param: float = Field(20.0, gt=0, description="Chinchilla ratio D/N")
     max_epochs: float = Field(4.0, gt=0, description="most passes over the training tokens the plan may take")
     min_params: int = Field(200_000, gt=0, description="smallest sensible model (non-embedding + embedding parameters): "
-                                                     "a smaller optimum is raised to it, one below half of it is refused")
+                                                     "a smaller optimum is raised to it, one below a quarter of it is refused")
     measure_steps: int = Field(3, ge=1, description="training steps timed per probed model shape")
     probe_rounds: int = Field(3, ge=1, le=5, description="model shapes probed at most: the first guess, then the "
                                                         "optimum the measured throughput points to, until it settles")
@@ -130,7 +130,9 @@ class TrainConfig(Section):
     val_batches: int = Field(8, ge=1, description="batches per validation")
     ckpt_every: int = Field(50, ge=1, description="checkpoint every N steps")
     seed: int = 1337
-    compile: bool = Field(False, description="torch.compile the model (pays off after ~40 s of compilation on CPU)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the loss path (pretrain): auto = on CUDA, where it removes the eager "
+                            "forward's host syncs; off on CPU, where it pays off only after ~40 s of compilation")
 
 
 class PretrainConfig(TrainConfig):

@@ -26,7 +26,7 @@ from components.training.data import TokenData
 from components.training.hot_path import compile_loss, liger_loss_fn, lm_loss
 from components.training.stages import RUN_ID_FILE, is_launch_rank_zero, open_stage_run
 from components.training.trainer import (build_trainer, configure_adamw, cosine_with_warmup, fit, last_checkpoint,
-                                         loader_options, to_training_device)
+                                         loader_options, resolve_compile, to_training_device)
 
 STAGE = "pretrain"
 
@@ -76,7 +76,7 @@ def _module_class() -> type:
         """Next-token training of a HF causal LM on (B, T+1) token windows.
 
         The loss path is chosen in setup(), once the device is known: liger's fused kernels on CUDA
-        (cfg.kernels), torch.compile of trunk + loss (cfg.compile). Throughput is wall time over
+        (cfg.kernels), torch.compile of trunk + loss (cfg.compile; auto = on CUDA). Throughput is wall time over
         logging intervals, read at the one host sync each interval already has.
         """
 
@@ -102,12 +102,13 @@ def _module_class() -> type:
 
             # Resolved before any step (an explicit liger on CPU fails here); applied in on_fit_start.
             self.kernels = resolve_kernels(getattr(self.cfg, "kernels", "none"), self.trainer.strategy.root_device.type)
+            self.compile = resolve_compile(self.cfg.compile, self.trainer.strategy.root_device.type)
             loss = functools.partial(lm_loss, self.model)
-            self._loss_fn = compile_loss(loss) if self.cfg.compile else loss
+            self._loss_fn = compile_loss(loss) if self.compile else loss
 
         def _use_liger(self) -> None:
             """liger's kernels for the loss path, after hot_path's probe step on this device (auto may fall back)."""
-            fn = liger_loss_fn(self.model, self.trainer.precision_plugin.forward_context, self.cfg.compile,
+            fn = liger_loss_fn(self.model, self.trainer.precision_plugin.forward_context, self.compile,
                                explicit=self.cfg.kernels == "liger")
             if fn is None:
                 self.kernels = "none"

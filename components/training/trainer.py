@@ -53,6 +53,14 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if native_bf16 else "16-mixed"
 
 
+def resolve_compile(compile_: bool | str, device: str) -> bool:
+    """`auto` compiles on CUDA (the eager forward's mask checks read the device each step; the compiled
+    graph does not) and not on CPU (compilation costs ~40 s there before it pays off). A bool is kept."""
+    if compile_ == "auto":
+        return device == "cuda"
+    return bool(compile_)
+
+
 def loader_options(accelerator: str = "auto", num_workers: int | None = None) -> dict[str, Any]:
     """DataLoader keywords for the device: worker processes and pinned memory on CUDA, neither on CPU.
 

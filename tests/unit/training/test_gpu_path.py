@@ -297,3 +297,10 @@ def test_compile_loss_traces_the_llama_loss_as_one_graph():
     assert torch.allclose(compiled, lm_loss(model, x, y), rtol=1e-4)
     compiled.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from components.training.trainer import resolve_compile
+
+    assert resolve_compile("auto", "cuda") is True and resolve_compile("auto", "cpu") is False
+    assert resolve_compile(True, "cpu") is True and resolve_compile(False, "cuda") is False
