@@ -4,12 +4,14 @@ The probe runs what a pretraining step runs (the stage's own loss path, fused ke
 uses them, its AdamW, gradient clipping, the training precision) at the real batch and block size, then
 times one validation batch and one checkpoint write of that model. Compromises: plain PyTorch, not
 Lightning (importing lightning costs 7-9 s; its per-step bookkeeping is a fixed estimate in scoping.py);
-eager even when pretrain.compile is on (compiling would cost scoping ~40 s; a compiled run is faster than
-planned); one device (a DDP run is assumed to step at the single-device rate).
+eager even when the stage compiles (compiling would cost scoping ~40 s: scoping counts the stage's
+compilation as a fixed cost and its compiled steps run faster than planned); one device (a DDP run is
+assumed to step at the single-device rate).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import tempfile
@@ -113,19 +115,28 @@ def measure_matmul_flops(target: Target, seconds: float = 0.3) -> float:
     return 2.0 * n ** 3 / best
 
 
-def _loss_fn(model: Any, cfg: TrainConfig, device: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss the pretrain stage trains with on this device: liger's fused path on CUDA, else lm_loss."""
-    from components.model.kernels import apply_liger, resolve_kernels
-    from components.training.pretrain import lm_loss
+def _loss_fn(model: Any, cfg: TrainConfig, device: str,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> Callable[..., torch.Tensor]:
+    """The loss the pretrain stage trains with on this device: liger's fused path where the stage would
+    use it (hot_path probes it first and may fall back), else the plain lm_loss. Eager: never compiled."""
+    from components.model.kernels import resolve_kernels
+    from components.training.hot_path import liger_loss_fn, lm_loss
 
-    if resolve_kernels(getattr(cfg, "kernels", "none"), device) == "liger":
-        fused_ce = apply_liger(model)
+    kernels = getattr(cfg, "kernels", "none")
+    if resolve_kernels(kernels, device) == "liger":
+        fn = liger_loss_fn(model, autocast, False, explicit=kernels == "liger")
+        if fn is not None:
+            return fn
+    return functools.partial(lm_loss, model)
 
-        def liger_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            hidden = model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # (B, T, C)
-            return fused_ce(model.get_output_embeddings().weight, hidden.flatten(0, 1), y.flatten())
-        return liger_loss
-    return lambda x, y: lm_loss(model, x, y)
+
+def compiled(cfg: TrainConfig, device: str) -> bool:
+    """Whether the pretrain stage will torch.compile its loss path on this device (pretrain.compile)."""
+    try:
+        from components.training.trainer import resolve_compile
+    except ImportError:  # a trainer whose pretrain.compile is a plain bool
+        return bool(cfg.compile)
+    return resolve_compile(cfg.compile, device)
 
 
 def probe(shape: dict, cfg: TrainConfig, target: Target, steps: int, scratch: Path | None = None,
@@ -144,15 +155,16 @@ def probe(shape: dict, cfg: TrainConfig, target: Target, steps: int, scratch: Pa
     auto, param = _dtypes(target.precision)
     model = build_model(shape).to(device=target.device, dtype=param)
     model.train()
-    loss_fn = _loss_fn(model, cfg, target.device)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(target.device, dtype=auto) if auto is not None else contextlib.nullcontext()
+
+    loss_fn = _loss_fn(model, cfg, target.device, autocast)
     opt = configure_adamw(model, cfg)
     scaler = torch.amp.GradScaler(target.device) if auto is torch.float16 else None
     batch = torch.randint(0, shape["vocab_size"], (cfg.batch_size, shape["block_size"] + 1),
                           device=target.device)                                  # (B, T+1) like the data stage
     x, y = batch[:, :-1], batch[:, 1:]                                           # (B, T)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(target.device, dtype=auto) if auto is not None else contextlib.nullcontext()
 
     def step() -> None:
         with autocast():

@@ -166,6 +166,17 @@ def test_run_sizes_with_the_measured_rate_and_keeps_the_budget(tiny_settings, mo
     assert report.achieved_flops == pytest.approx(1e11)
 
 
+def test_compiled_stage_counts_its_compilation(tiny_settings, monkeypatch):
+    from components import scoping_probe
+
+    monkeypatch.setattr(scoping_probe, "probe", lambda *a, **k: scoping_probe.Probe(0.01, 0.005, 0.001, 0.02))
+    plain = scoping.run(tiny_settings, measure_steps=1)
+    compiled = scoping.run(cfg.load(tiny_settings.root / "params.yaml", ["pretrain.compile=true"]), measure_steps=1)
+    assert plain.costs["fixed_s"] == tiny_settings.scoping.stage_overhead_s
+    assert compiled.costs["fixed_s"] == tiny_settings.scoping.stage_overhead_s + scoping.COMPILE_S
+    assert compiled.plan_key != plain.plan_key
+
+
 def test_reuse_only_on_the_same_device_and_precision(tiny_settings, monkeypatch):
     from components import scoping_probe
 
