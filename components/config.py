@@ -153,7 +153,7 @@ class LoraConfig(Section):
 
 
 class SftConfig(TrainConfig):
-    max_steps: int = 400
+    max_steps: int = 1200
     lr: float = 5e-4
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

@@ -42,6 +42,7 @@ def lifecycle(config: str = "params.yaml", overrides: list[str] | None = None) -
             result["tracking_uri"] = tracking.tracking_uri(settings)
             return result
         result.update(_training(train_params))
+        _log_budget_check(run.info.run_id, result, planned=train_params is not params)
         # The same overrides as training, so the evaluation reads the data the model was trained on.
         ev = evaluate_flow(train_params.config, train_params.overrides, model_uri=result["finetune"]["model_uri"])
         result["evaluate"] = ev
@@ -57,6 +58,21 @@ def _with_scoped_steps(params: LifecycleParams, settings: Settings, scoping: dic
         return params
     steps = f"pretrain.max_steps={scoping['pretrain_steps']}"
     return LifecycleParams(config=params.config, overrides=[*params.overrides, steps])
+
+
+def _log_budget_check(run_id: str, result: dict, planned: bool) -> None:
+    """Pretrain wall time against scoping's plan (when the plan set pretrain.max_steps), on the lifecycle run."""
+    plan_s = (result.get("scoping") or {}).get("planned_pretrain_seconds")
+    wall_s = (result.get("pretrain") or {}).get("wall_s")
+    if not (planned and plan_s and wall_s):
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in {"pretrain_wall_seconds": wall_s, "pretrain_planned_seconds": plan_s,
+                       "pretrain_wall_over_planned": wall_s / plan_s}.items():
+        client.log_metric(run_id, key, value)
+    print(f"pretrain: {wall_s:.0f} s of {plan_s:.0f} s planned ({wall_s / plan_s:.2f}x)")
 
 
 def _registered_already(params: LifecycleParams) -> dict | None:

@@ -58,12 +58,11 @@ def measure_matmul_flops(device: torch.device, precision: str = "32-true", secon
 
 
 def peak_flops(settings: Settings, device: torch.device, precision: str) -> float:
-    """The scoping stage's measured CPU matmul peak when training on CPU in fp32, else measured now."""
+    """The scoping stage's measured matmul peak when it measured this device type in this precision, else now."""
     report = layout.scoping_dir(settings) / "report.json"
-    if device.type == "cpu" and precision.startswith("32") and report.is_file():
-        value = json.loads(report.read_text()).get("matmul_flops")
-        if value:
-            return float(value)
+    r = json.loads(report.read_text()) if report.is_file() else {}
+    if r.get("accelerator") == device.type and r.get("precision") == precision and r.get("matmul_flops"):
+        return float(r["matmul_flops"])
     return measure_matmul_flops(device, precision)
 
 
