@@ -261,23 +261,35 @@ def training_lineage(settings: Settings, model_uri: str, max_hops: int = 16) -> 
     except Exception as exc:  # noqa: BLE001 - a registry that cannot tell lineage must not invent it
         raise store_error(f"reading the training run {run_id}", exc) from None
     out = {k: tags[k] for k in LINEAGE_KEYS if k in tags}
-    out["stage"] = tags.get("stage", "unknown")
+    # A folder `llmcycle promote --model` logged itself (in its deploy run) was not trained here.
+    out["stage"] = "imported" if tags.get("stage") == "deploy" else tags.get("stage", "unknown")
     out["trained_run_id"] = run_id
-    parent, hop_tags = "none", tags
-    for _ in range(max_hops):  # walk sft -> pretrain -> ... until a registered version or scratch
-        uri = hop_tags.get("parent_model_uri", "")
-        if hop_tags.get("parent_model_version"):
-            parent = hop_tags["parent_model_version"]
-            break
+    out["parent_version"] = _parent_version(client, tags, max_hops)
+    return out
+
+
+def _parent_version(client: Any, tags: dict[str, str], max_hops: int) -> str:
+    """Walk parent_model_uri tags (sft -> pretrain -> ...) to the registered version the chain started from.
+
+    "none": the chain starts from scratch; "external": from a folder or URI that is no run or version of
+    this store (its path stays in the parent_model_uri tag); "unknown": the chain is longer than max_hops.
+    """
+    for _ in range(max_hops):
+        uri = tags.get("parent_model_uri", "")
+        if tags.get("parent_model_version"):
+            return tags["parent_model_version"]
+        if not uri:
+            return "none"
         if uri.startswith("models:/") and "@" not in uri:
-            parent = uri.rsplit("/", 1)[1]
-            break
+            return uri.rsplit("/", 1)[1]
         hop = run_id_of(uri)
         if hop is None:
-            break
-        hop_tags = client.get_run(hop).data.tags
-    out["parent_version"] = parent
-    return out
+            return "external"
+        try:
+            tags = client.get_run(hop).data.tags
+        except Exception as exc:  # noqa: BLE001
+            raise store_error(f"reading the parent run {hop}", exc) from None
+    return "unknown"
 
 
 def register_model(settings: Settings, model_uri: str, name: str, stage: str | None = None,

@@ -150,13 +150,16 @@ def test_items(tokenizer: Any, docs: list[dict]) -> list[Scored]:
             for i, (d, t) in enumerate(zip(docs, ids))]
 
 
-def sft_items(tokenizer: Any, rows: list[dict]) -> list[Scored]:
-    """The chat-formatted prompt as context, the response + <|end|> as target (the task a champion serves)."""
+def sft_items(tokenizer: Any, rows: list[dict], end_as_eot: bool = False) -> list[Scored]:
+    """The chat-formatted prompt as context, the response + <|end|> as target (the task a champion serves).
+
+    end_as_eot ends the target with EOT instead (for count models fit on raw text, which never saw <|end|>).
+    """
     from components.data import layout
     from components.data.tokenizer import encode_many
     from components.training.finetune_data import prompt_ids
 
-    end = tokenizer.convert_tokens_to_ids(layout.END_OF_TURN)
+    end = tokenizer.eos_token_id if end_as_eot else tokenizer.convert_tokens_to_ids(layout.END_OF_TURN)
     prompts = prompt_ids(tokenizer, [r["prompt"] for r in rows])
     responses = encode_many(tokenizer, [r["response"] for r in rows], specials_as_text=True)
     return [Scored(str(r.get("id", i)), p, t + [end], len(r["response"].encode("utf-8")))

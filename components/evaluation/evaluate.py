@@ -69,17 +69,22 @@ def load_model(settings: Settings, model_uri: str) -> tuple[Any, Any]:
         raise ConfigError(f"evaluate --model {model_uri}: {exc}") from None
 
 
-def check_tokenizer(model: Any, tokenizer: Any, meta: dict, model_uri: str) -> None:
-    """The model's tokenizer must be the one that produced the evaluation tokens."""
+def tokenizer_mismatch(model: Any, tokenizer: Any, meta: dict, settings: Settings) -> str | None:
+    """Why the model cannot be scored on the data stage's token arrays (another tokenizer), or None.
+
+    Bits per byte needs no such match (each model tokenizes the text itself); per-token perplexity,
+    the int8 comparison and the reward/DPO parts (models of the data tokenizer) do, and are skipped.
+    """
+    from components.data.tokenizer import load_tokenizer
+
     data_vocab = int(meta["vocab_size"])
-    rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) != data_vocab:
-        raise ConfigError(f"evaluate: the tokenizer of {model_uri} has {len(tokenizer)} tokens but the evaluation "
-                          f"data (meta.json) was tokenized with vocab_size {data_vocab}; evaluate on data built "
-                          "with the model's tokenizer")
-    if rows < data_vocab:
-        raise ConfigError(f"evaluate: {model_uri} has {rows} embedding rows but the evaluation data "
-                          f"(meta.json) has vocab_size {data_vocab}")
+        return f"the model's tokenizer has {len(tokenizer)} tokens, the data's {data_vocab}"
+    if model.get_input_embeddings().num_embeddings < data_vocab:
+        return f"the model has {model.get_input_embeddings().num_embeddings} embedding rows for {data_vocab} tokens"
+    if tokenizer.get_vocab() != load_tokenizer(settings).get_vocab():
+        return "the model's tokenizer maps tokens to other ids than the data's"
+    return None
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -215,6 +220,7 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
     import mlflow
 
     from components.evaluation import report, scorecard
+    from components.evaluation.promotion import weights_run_id
     from components.evaluation.quantize import compare_int8
 
     cfg = settings.evaluate
@@ -227,7 +233,7 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
     if not sft_path.is_file():
         raise ConfigError(f"evaluate: no {sft_path}; run `llmcycle data datasets` first")
     model, tokenizer = load_model(settings, uri)
-    check_tokenizer(model, tokenizer, meta, uri)
+    other_tokenizer = tokenizer_mismatch(model, tokenizer, meta, settings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     t_start = time.perf_counter()
@@ -241,10 +247,15 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
         metrics.update(card.metrics)
         mlflow.log_dict(scorecard.card_to_json(card), scorecard.ARTIFACT)
         mlflow.set_tag("eval_params_hash", scorecard.eval_params_hash(settings))
-        # Per-token perplexity alongside: readable, but bound to this tokenizer (never gated on).
+        # Which weights these scores belong to: the gate reuses them only for a version trained by that run.
+        mlflow.set_tag("weights_run_id", weights_run_id(settings, uri) or "unknown")
+        # Per-token perplexity alongside: readable, but bound to the data's tokenizer (never gated on).
         windows = eval_windows(test, int(model.config.max_position_embeddings), cfg.test_batches)
-        metrics["test_perplexity"] = model_perplexity(model, windows, device)
-        metrics.update(baseline_perplexities(train, windows, int(meta["vocab_size"])))
+        if other_tokenizer is None:
+            metrics["test_perplexity"] = model_perplexity(model, windows, device)
+            metrics.update(baseline_perplexities(train, windows, int(meta["vocab_size"])))
+        else:
+            skipped.append(f"test_perplexity, int8, mean_reward, dpo_reward_accuracy: {other_tokenizer}")
 
         rows, prompts, completions, scored = ex["rows"], ex["prompts"], ex["completions"], ex["checks"]
         names = [r.get("name", "") for r in rows]
@@ -252,8 +263,10 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
                                         cfg.max_new_tokens))
         metrics.update(pass_at_k_metrics(model, tokenizer, prompts, names, cfg))
 
-        metrics.update(_reward_part(settings, tokenizer, [r["prompt"] for r in rows], completions, device, skipped))
-        metrics.update(_dpo_part(settings, model, tokenizer, device, skipped))
+        if other_tokenizer is None:
+            metrics.update(_reward_part(settings, tokenizer, [r["prompt"] for r in rows], completions, device,
+                                        skipped))
+            metrics.update(_dpo_part(settings, model, tokenizer, device, skipped))
 
         table = [{"prompt": r["prompt"], "name": n, "completion": c, "syntax_valid": s["syntax_valid"],
                   "defines_name": s["defines_name"]} for r, n, c, s in zip(rows, names, completions, scored)]
@@ -261,9 +274,10 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
         report.log_plots(settings, active.info.run_id, model, tokenizer, prompts[0] if prompts else "", metrics, label)
 
         # Last: compare_int8 moves the model to the CPU, where dynamic int8 runs (fbgemm).
-        q = compare_int8(model, torch.as_tensor(windows[:INT8_WINDOWS, :-1]))
-        metrics.update({"int8_perplexity": q["int8_ppl"], "int8_fp32_perplexity": q["fp32_ppl"],
-                        "int8_speedup": q["speedup"], "fp32_ms": q["fp32_ms"], "int8_ms": q["int8_ms"]})
+        if other_tokenizer is None:
+            q = compare_int8(model, torch.as_tensor(windows[:INT8_WINDOWS, :-1]))
+            metrics.update({"int8_perplexity": q["int8_ppl"], "int8_fp32_perplexity": q["fp32_ppl"],
+                            "int8_speedup": q["speedup"], "fp32_ms": q["fp32_ms"], "int8_ms": q["int8_ms"]})
         metrics["eval_wall_s"] = time.perf_counter() - t_start
         mlflow.log_metrics(metrics)
         if skipped:

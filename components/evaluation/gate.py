@@ -166,10 +166,13 @@ def decision_tags(decision: GateDecision) -> dict[str, str]:
     return tags
 
 
-def apply_decision(settings: Settings, name: str, version: str | int, decision: GateDecision) -> dict[str, Any]:
+def apply_decision(settings: Settings, name: str, version: str | int, decision: GateDecision,
+                   expected_champion: str | None | bool = False) -> dict[str, Any]:
     """Tag the version with the decision; on promote move champion (old one -> previous).
 
     The candidate always becomes `challenger`, promoted or not, so the UI shows what was gated last.
+    expected_champion (a version, or None for "no champion"): the champion the decision was made
+    against; if another gate moved it meanwhile, GateError and no alias moves. False skips the check.
     Returns {decision, version, champion, previous, challenger} (versions as strings or None).
     """
     from components.tracking import configure, get_alias_version, set_alias
@@ -178,10 +181,13 @@ def apply_decision(settings: Settings, name: str, version: str | int, decision: 
 
     client = mlflow.MlflowClient()
     version = str(version)
+    old = get_alias_version(settings, name, CHAMPION)
+    if expected_champion is not False and (str(old.version) if old else None) != expected_champion:
+        raise GateError(f"gate: the champion of {name} moved from v{expected_champion} to "
+                        f"v{old.version if old else None} while v{version} was being judged; run the gate again")
     for key, value in decision_tags(decision).items():
         client.set_model_version_tag(name, version, key, value)
 
-    old = get_alias_version(settings, name, CHAMPION)
     previous = get_alias_version(settings, name, PREVIOUS)
     result = {"decision": "promote" if decision.promote else "reject", "version": version,
               "champion": old.version if old else None, "previous": previous.version if previous else None}

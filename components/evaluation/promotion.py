@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from components import tracking
 from components.config import Settings
+from components.errors import TrackingError
 from components.evaluation import gate
 
 METRIC_TAG = "metric."
@@ -48,9 +49,11 @@ def deploy_run(settings: Settings) -> Iterator[Any]:
 
 
 def find_duplicate(settings: Settings) -> Any | None:
-    """The newest version registered from the same clean commit, data and params, else None."""
-    import mlflow
+    """The newest version trained from the same clean commit, data and params, else None.
 
+    Imported versions (no training run of this project behind them) never count: their lineage is the
+    day they were imported, not what made their weights.
+    """
     lineage = tracking.lineage_tags(settings)
     if lineage.get("git_dirty") != "false" or lineage.get("git_commit") in (None, "", "unknown"):
         return None
@@ -58,22 +61,39 @@ def find_duplicate(settings: Settings) -> Any | None:
     name = settings.registry.model_name
     query = " and ".join([f"name = '{name}'", "tags.git_dirty = 'false'",
                           *(f"tags.{k} = '{lineage[k]}'" for k in DEDUP_TAGS)])
-    found = mlflow.MlflowClient().search_model_versions(query)
+    found = [mv for mv in _client_call("searching versions", lambda c: c.search_model_versions(query))
+             if (mv.tags or {}).get("stage") not in ("imported", "deploy")]
     return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _version_of_run(settings: Settings, model_uri: str) -> Any | None:
-    """A version already registered from the very training run behind model_uri (one run, one version)."""
-    import mlflow
+def weights_run_id(settings: Settings, model_uri: str) -> str | None:
+    """The id of the run that trained the weights behind model_uri, or None (an imported folder).
 
+    runs:/<id>/...: that run; models:/<name>/<v> or @<alias>: the version's trained_run_id (else its source
+    run); a stage's checkpoints/<stage>/hf: the run in run_id.txt beside it (as it is now).
+    """
     from components.training.stages import parent_model_uri
 
-    run_id = tracking.run_id_of(model_uri if model_uri.startswith(("runs:/", "models:/"))
-                                else parent_model_uri(settings, model_uri))
+    if model_uri.startswith("models:/"):
+        name, _, ref = model_uri[len("models:/"):].partition("@")
+        if ref:
+            mv = tracking.get_alias_version(settings, name, ref)
+        else:
+            name, _, number = model_uri[len("models:/"):].rpartition("/")
+            mv = _client_call(f"reading {model_uri}", lambda c: c.get_model_version(name, number))
+        return None if mv is None else ((mv.tags or {}).get("trained_run_id") or mv.run_id or None)
+    if model_uri.startswith("runs:/"):
+        return tracking.run_id_of(model_uri)
+    return tracking.run_id_of(parent_model_uri(settings, model_uri))
+
+
+def _version_of_run(settings: Settings, run_id: str | None) -> Any | None:
+    """A version already registered from the very training run run_id (one run, one version)."""
     if run_id is None:
         return None
     name = settings.registry.model_name
-    found = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.trained_run_id = '{run_id}'")
+    query = f"name = '{name}' and tags.trained_run_id = '{run_id}'"
+    found = _client_call("searching versions", lambda c: c.search_model_versions(query))
     return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
@@ -116,7 +136,10 @@ def register_candidate(settings: Settings, model_uri: str, stage: str | None = N
                    if isinstance(v, (int, float)) and math.isfinite(float(v))}
     if eval_run_id:
         client_tags["eval_run_id"] = eval_run_id
-    dup = find_duplicate(settings) or _version_of_run(settings, model_uri)
+    # Only the very same trained weights are a duplicate: a commit/data/params match could be another
+    # stage's model (evaluate --model runs:/<sft run>), and an imported folder has no training run at all.
+    tracking.configure(settings)
+    dup = _version_of_run(settings, weights_run_id(settings, model_uri))
     if dup is None and model_uri.startswith(f"models:/{name}/"):
         dup = _client_call(f"reading {model_uri}", lambda c: c.get_model_version(name, model_uri.rsplit("/", 1)[1]))
     if dup is not None:
@@ -161,16 +184,20 @@ def promote(settings: Settings, version: str | int, reuse_decision: bool = True)
         return {**aliases, "decision": tags["gate_decision"], "reason": tags.get("gate_reason", ""),
                 "version": version, "compared": {}, "reused": True, "scored": {}}
 
-    candidate, cand_src = scorecard.for_version(settings, name, version, tags.get("eval_run_id"))
+    candidate, cand_src = scorecard.for_version(settings, mv, baselines=True)
     champ, champion, scored = None, None, {"candidate": cand_src}
     if aliases[gate.CHAMPION] is not None and aliases[gate.CHAMPION] != version:
         champ = _client_call("reading the champion", lambda c: c.get_model_version(name, aliases[gate.CHAMPION]))
-        champion, scored["champion"] = scorecard.for_version(settings, name, str(champ.version),
-                                                             (champ.tags or {}).get("eval_run_id"))
+        champion, scored["champion"] = scorecard.for_version(settings, champ)
     with deploy_run(settings):
         decision = gate.decide(candidate, champion, settings.scoping.success, settings.evaluate)
         _log_decision(name, version, champ, decision, scored)
-        result = gate.apply_decision(settings, name, version, decision)
+        try:
+            result = gate.apply_decision(settings, name, version, decision, expected_champion=aliases[gate.CHAMPION])
+        except (gate.GateError, TrackingError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a store failure while moving aliases: one line, exit 1
+            raise tracking.store_error(f"applying the gate decision to {name} v{version}", exc) from None
     # apply_decision can hand back int versions (ModelVersion.version); callers compare strings.
     result = {k: (str(v) if v is not None and k != "decision" else v) for k, v in result.items()}
     return {**result, "reason": decision.reason, "compared": decision.compared, "reused": False, "scored": scored}
@@ -221,7 +248,12 @@ def rollback(settings: Settings) -> dict[str, Any]:
 
     name = settings.registry.model_name
     with deploy_run(settings):
-        restored = gate.rollback(settings, name)
+        try:
+            restored = gate.rollback(settings, name)
+        except (gate.GateError, TrackingError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a store failure while moving aliases: one line, exit 1
+            raise tracking.store_error(f"rolling back {name}", exc) from None
         mlflow.set_tags({"action": "rollback", "model_name": name, "champion_version": restored})
     return {"model": name, "champion": restored}
 
@@ -236,8 +268,11 @@ def latest_evaluation(settings: Settings, label: str | None = None, model_uri: s
     for key, value in (("eval_label", label), ("model_uri", model_uri)):
         if value:
             query += f" and tags.{key} = '{value.replace(chr(39), '')}'"
-    runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string=query,
-                              order_by=["start_time DESC"], max_results=1, output_format="list")
+    try:
+        runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string=query,
+                                  order_by=["start_time DESC"], max_results=1, output_format="list")
+    except Exception as exc:  # noqa: BLE001
+        raise tracking.store_error("searching evaluate runs", exc) from None
     if not runs:
         return None
     run = runs[0]

@@ -91,7 +91,12 @@ def score(settings: Settings, model: Any, tokenizer: Any, device: Any, baselines
 
 
 def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Scorecard) -> None:
-    """KN trigram and unigram bits per byte on the same texts, tokenized by the data tokenizer."""
+    """KN trigram and unigram bits per byte on the same texts, tokenized by the data tokenizer.
+
+    The count models were fit on raw text, where <|end|> never occurs: a response's end marker is
+    scored as EOT (the end of a text they have seen), or the baselines would pay ~20 bits per response
+    for a token they could not know, and the bar a model must clear would be lower than it looks.
+    """
     from components.data.tokenizer import load_tokenizer
     from components.evaluation.evaluate import load_tokens
     from components.evaluation.ngram import AddOneUnigram, KneserNeyTrigram
@@ -99,7 +104,7 @@ def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Sco
     train, meta = load_tokens(settings, "train")
     vocab = int(meta["vocab_size"])
     data_tok = load_tokenizer(settings)
-    items = {"sft": sft_items(data_tok, rows), "test": test_items(data_tok, docs)}
+    items = {"sft": sft_items(data_tok, rows, end_as_eot=True), "test": test_items(data_tok, docs)}
     for name, lm in (("kn3", KneserNeyTrigram(vocab).fit(train)), ("unigram", AddOneUnigram(train, vocab))):
         for split, its in items.items():
             card.docs[f"{split}.{name}"] = doc_scores(its, ngram_bits(lm.token_logprobs, its))
@@ -107,39 +112,56 @@ def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Sco
 
 
 # ----------------------------------------------------------------------------- per registered version
-def cache_path(settings: Settings, name: str, version: str) -> Any:
-    key = f"{name}-v{version}-{tracking.data_hash(settings.root)}-{eval_params_hash(settings)}"
+def trained_run(mv: Any) -> str:
+    """The run that trained a version's weights (its trained_run_id tag, else the run it was registered from)."""
+    return (mv.tags or {}).get("trained_run_id") or getattr(mv, "run_id", None) or "unknown"
+
+
+def cache_path(settings: Settings, mv: Any) -> Any:
+    """data/evaluation/scorecards/<key>.json; the key names the store, the version and the run behind its
+    weights (version numbers restart in a new store), the data hash and the evaluate params."""
+    store = hashlib.sha256(tracking.tracking_uri(settings).encode()).hexdigest()[:8]
+    key = (f"{mv.name}-v{mv.version}-{trained_run(mv)[:12]}-{store}-{tracking.data_hash(settings.root)}-"
+           f"{eval_params_hash(settings)}")
     return settings.path("data", "evaluation", "scorecards", f"{key}.json")
 
 
-def from_eval_run(settings: Settings, run_id: str) -> Scorecard | None:
-    """The scorecard an evaluate run logged, if it scored today's data with today's evaluate params."""
+def from_eval_run(settings: Settings, run_id: str, weights_run: str, baselines: bool) -> Scorecard | None:
+    """The scorecard an evaluate run logged, if it scored these very weights on today's data and params."""
     import mlflow
 
     tracking.configure(settings)
     try:
         run = mlflow.MlflowClient().get_run(run_id)
-    except Exception:  # noqa: BLE001 - a run from another store: score anew instead
+    except Exception:  # noqa: BLE001 - a run from another store (or gone): score anew instead
         return None
     tags = run.data.tags
-    if tags.get("data_hash") != tracking.data_hash(settings.root) or \
-            tags.get("eval_params_hash") != eval_params_hash(settings):
+    if tags.get("weights_run_id") != weights_run or tags.get("data_hash") != tracking.data_hash(settings.root) \
+            or tags.get("eval_params_hash") != eval_params_hash(settings):
         return None
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT)
-    except Exception:  # noqa: BLE001 - an older evaluate run without a scorecard
+    except Exception:  # noqa: BLE001 - an evaluate run without a scorecard: score anew
         return None
-    return card_from_json(json.loads(open(path, encoding="utf-8").read()))
+    card = card_from_json(json.loads(open(path, encoding="utf-8").read()))
+    return card if not baselines or "sft.kn3" in card.docs else None
 
 
-def for_version(settings: Settings, name: str, version: str, eval_run_id: str | None = None) -> tuple[Scorecard, str]:
-    """(scorecard, where it came from: cache | evaluate run <id> | scored now) of models:/name/version."""
-    path = cache_path(settings, name, str(version))
+def for_version(settings: Settings, mv: Any, baselines: bool = False) -> tuple[Scorecard, str]:
+    """(scorecard, where it came from: cache | evaluate run <id> | scored now) of a registered version.
+
+    baselines=True (the candidate, whose criteria compare it with the count models) makes sure the
+    card holds the baselines' per-document scores too.
+    """
+    path = cache_path(settings, mv)
     if path.is_file():
-        return card_from_json(json.loads(path.read_text())), "cache"
+        card = card_from_json(json.loads(path.read_text()))
+        if not baselines or "sft.kn3" in card.docs:
+            return card, "cache"
     card, source = None, "scored now"
+    eval_run_id = (mv.tags or {}).get("eval_run_id")
     if eval_run_id:
-        card = from_eval_run(settings, eval_run_id)
+        card = from_eval_run(settings, eval_run_id, trained_run(mv), baselines)
         source = f"evaluate run {eval_run_id}"
     if card is None:
         import torch
@@ -147,11 +169,10 @@ def for_version(settings: Settings, name: str, version: str, eval_run_id: str | 
         from components.model.build import load_causal_lm
 
         source = "scored now"
-        model, tokenizer = load_causal_lm(settings, f"models:/{name}/{version}")
+        model, tokenizer = load_causal_lm(settings, f"models:/{mv.name}/{mv.version}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device).eval()
-        card, _ = score(settings, model, tokenizer, device)
+        card, _ = score(settings, model, tokenizer, device, baselines=baselines)
     path.parent.mkdir(parents=True, exist_ok=True)
     io.atomic_write_json(path, card_to_json(card))
     return card, source
-

@@ -173,11 +173,17 @@ def test_bad_uri_is_config_error(evaluated):
             evaluate.run(settings, uri)
 
 
-def test_tokenizer_mismatch_is_config_error(evaluated, tmp_path):
+def test_another_tokenizer_gets_bits_per_byte_and_skips_token_bound_metrics(evaluated, tmp_path):
+    import mlflow
+
     from tests.unit.training.helpers import tiny_tokenizer
 
     settings, _ = evaluated
     other = tiny_tokenizer(300)
     folder = save_tiny_model(settings, other, tmp_path / "other")
-    with pytest.raises(ConfigError, match=r"300 tokens.*vocab_size 400"):
-        evaluate.run(settings, str(folder))
+    result = evaluate.run(settings, str(folder), label="other")
+    m = result["metrics"]
+    assert m["sft_bits_per_byte"] > 0 and m["test_bits_per_byte"] > 0 and "syntax_valid_rate" in m
+    assert not {"test_perplexity", "int8_perplexity", "dpo_reward_accuracy", "mean_reward"} & set(m)
+    skipped = mlflow.MlflowClient().get_run(result["run_id"]).data.tags["skipped"]
+    assert "300 tokens, the data's 400" in skipped

@@ -158,3 +158,14 @@ def test_rollback_clears_challenger_pointing_at_demoted_version(tiny_settings):
     assert _aliases(tiny_settings, name) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
     assert rollback(tiny_settings, name) == v1
     assert _aliases(tiny_settings, name) == {CHAMPION: v1}
+
+
+def test_a_champion_moved_by_another_gate_stops_this_one(tiny_settings):
+    name = tiny_settings.registry.model_name
+    v1, v2, v3 = _register_versions(tiny_settings, name, 3)
+    apply_decision(tiny_settings, name, v1, decide(card(1.5), None, CRIT, CFG))
+    # v3 was judged against v1, but meanwhile another gate made v2 champion: no alias may move.
+    apply_decision(tiny_settings, name, v2, decide(card(1.2), card(1.5), CRIT, CFG), expected_champion=v1)
+    with pytest.raises(GateError, match="moved from v1 to v2"):
+        apply_decision(tiny_settings, name, v3, decide(card(1.0), card(1.5), CRIT, CFG), expected_champion=v1)
+    assert _aliases(tiny_settings, name) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}

@@ -175,3 +175,25 @@ def test_parent_version_follows_the_chain_to_the_registered_start(project):
     tracking.set_alias(settings, name, gate.CHAMPION, v1)
     v = promotion.register_candidate(settings, dpo_uri)
     assert tracking_tags(settings, v)["parent_version"] == v1 and tracking_tags(settings, v)["stage"] == "dpo"
+
+
+def test_scores_of_an_evaluate_run_are_reused_only_for_the_weights_it_scored(project):
+    import mlflow
+
+    from components.evaluation import scorecard
+
+    settings, _ = project
+    uri_a, uri_b = logged_model_uri(settings), logged_model_uri(settings)
+    fake = gate.Scorecard({"sft_bits_per_byte": 0.1}, {})
+    with tracking.stage_run(settings, "evaluate", tags={"eval_params_hash": scorecard.eval_params_hash(settings),
+                                                        "weights_run_id": tracking.run_id_of(uri_a)}) as run:
+        mlflow.log_dict(scorecard.card_to_json(fake), scorecard.ARTIFACT)
+    # Version of B claims A's evaluation (say `llmcycle train dpo` ran between evaluate and promote).
+    v_b = promotion.register_candidate(settings, uri_b, eval_run_id=run.info.run_id)
+    mv_b = mlflow.MlflowClient().get_model_version(settings.registry.model_name, v_b)
+    card, source = scorecard.for_version(settings, mv_b)
+    assert source == "scored now" and card.metrics["sft_bits_per_byte"] > 1
+    v_a = promotion.register_candidate(settings, uri_a, eval_run_id=run.info.run_id)
+    mv_a = mlflow.MlflowClient().get_model_version(settings.registry.model_name, v_a)
+    assert scorecard.for_version(settings, mv_a) == (fake, f"evaluate run {run.info.run_id}")
+    assert v_a != v_b  # two training runs, two versions, whatever commit, data and params they share
