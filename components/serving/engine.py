@@ -1,0 +1,430 @@
+"""The serving engine: continuous batching over a static KV cache, on one background thread.
+
+submit() puts a request in a bounded queue (QueueFull past max_queue); between decode steps the loop
+admits waiting requests into free cache slots (one prefill each), then one forward pass decodes a token
+for every running sequence; finished or cancelled sequences leave at once. Tokens reach callers through
+a GenerationHandle: a blocking iterator for threads, an async one for asyncio (call_soon_threadsafe).
+Greedy decoding equals components.model.generation.generate token for token (same truncation, same end
+tokens, same stop-string cut). Compromise: prefill is one sequence at a time; sampling is per-row.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+import torch
+
+from components.model.build import stop_token_ids
+from components.serving.kv_cache import LlamaKVRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class TokenEvent:
+    """One per generated token (end tokens are not emitted), then a final one with finish_reason set whose
+    token_id is None and whose text is any text held back until then (a possible stop-string prefix)."""
+    token_id: int | None
+    text: str                 # decoded text delta (may be "" mid-UTF-8)
+    logprob: float | None     # log-prob of the token under the model (temperature 1)
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error" | None
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the server answers 503 with Retry-After (seconds) = retry_after."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+class GenerationHandle:
+    """A submitted request: iterate its events (threads or asyncio), or cancel it."""
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams):
+        self.id = next(self._ids)
+        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.cancelled = False
+        self._q: queue.Queue[TokenEvent] = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (a client disconnect); a final "cancelled" event follows."""
+        if not self.done:
+            self.cancelled = True
+            self.engine._wake()
+
+    # ---------------------------------------------------------------- engine side
+    def _emit(self, ev: TokenEvent) -> None:
+        if ev.finish_reason is not None:
+            self.finish_reason, self.finished_at = ev.finish_reason, time.perf_counter()
+        elif ev.token_id is not None:
+            self.completion_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+        with self._lock:
+            if self._aq is None:
+                self._q.put(ev)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            except RuntimeError:  # the caller's event loop is closed: nobody listens any more
+                self.cancelled = True
+
+    # ---------------------------------------------------------------- caller side
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Blocking iterator; timeout bounds the wait for each event (TimeoutError). Leaving early cancels."""
+        finished = False
+        try:
+            while True:
+                try:
+                    ev = self._q.get(timeout=timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"no token within {timeout} s") from None
+                finished = ev.finish_reason is not None
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        """Async iterator for FastAPI: never blocks the event loop. Leaving early (disconnect) cancels."""
+        with self._lock:
+            if self._aq is None:
+                self._loop, self._aq = asyncio.get_running_loop(), asyncio.Queue()
+                while not self._q.empty():          # events that arrived before anyone listened
+                    self._aq.put_nowait(self._q.get_nowait())
+        finished = False
+        try:
+            while True:
+                ev = await self._aq.get()
+                finished = ev.finish_reason is not None
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Consume events() into one Completion."""
+        text, ids, lps, reason = [], [], [], "error"
+        for ev in self.events(timeout):
+            text.append(ev.text)
+            if ev.token_id is not None:
+                ids.append(ev.token_id)
+                lps.append(ev.logprob)
+            reason = ev.finish_reason or reason
+        return Completion("".join(text), ids, lps, reason)
+
+
+@dataclass
+class _Seq:
+    """A running sequence: its cache slot, next position, generated ids and the text sent so far."""
+    handle: GenerationHandle
+    slot: int
+    pos: int                       # where the next fed token is written (= tokens in cache)
+    max_new: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0                  # characters of the decoded text already emitted
+    last: int = -1                 # the token to feed at the next decode step
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that begins some stop string (held back until resolved)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Engine:
+    """Continuous-batching generation over one model; see the module docstring."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 16, max_queue: int = 64, device: Any = None,
+                 version: str = "", compile: bool = False):
+        if device is not None:
+            model = model.to(device)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue, self.version = max_batch, max_queue, version
+        self.device = next(model.parameters()).device
+        self.ends = stop_token_ids(tokenizer)
+        self.block = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.runner = LlamaKVRunner(model, max_batch, self.block)
+        self._decode = self.runner.decode
+        if compile and self.device.type == "cuda":  # CUDA graphs need fixed shapes: padded to max_batch, full span
+            self._decode = torch.compile(self.runner.decode, mode="reduce-overhead", dynamic=False)
+        self.static_shapes = compile and self.device.type == "cuda"
+        self._waiting: collections.deque[GenerationHandle] = collections.deque()
+        self._active: list[_Seq] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = False
+        self._closed = False
+        self._stats = collections.Counter()
+        self._peak_running = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"llmcycle-engine{self.version}", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the loop: drain=True finishes running and queued work first; otherwise it is cancelled."""
+        with self._cv:
+            self._closed = True
+            self._stopping, self._drain = True, drain
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._cancel_all()
+
+    def warmup(self, max_tokens: int = 8) -> None:
+        """A short generation (prefill + a few batched decode steps) so the first real request is not slow."""
+        handle = GenerationHandle(self, [self.ends[0]], SamplingParams(max_tokens=max_tokens))
+        with self._cv:
+            self._waiting.append(handle)
+            self._cv.notify_all()
+        if self._thread is None or not self._thread.is_alive():
+            while not handle.done:
+                self._step()
+        handle.result()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+        """Queue a request; QueueFull when max_queue requests already wait. Prompts longer than the context
+        keep their last tokens (as generate() does); an empty prompt starts a fresh document."""
+        max_new = max(1, min(params.max_tokens, self.block - 1))
+        ids = list(prompt_ids)[-(self.block - max_new):] or [self.ends[0]]
+        handle = GenerationHandle(self, ids, params)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is stopped")
+            if len(self._waiting) >= self.max_queue:
+                self._stats["rejected"] += 1
+                raise QueueFull(f"queue full ({self.max_queue} waiting)", retry_after=1)
+            self._waiting.append(handle)
+            self._stats["submitted"] += 1
+            self._cv.notify_all()
+        return handle
+
+    @property
+    def stats(self) -> dict:
+        return {"queue_depth": len(self._waiting), "running": sum(not s.handle.done for s in self._active), "max_batch": self.max_batch,
+                "peak_running": self._peak_running, "tokens_generated": self._stats["tokens"],
+                "decode_steps": self._stats["steps"], "prefills": self._stats["prefills"],
+                "requests_submitted": self._stats["submitted"], "requests_finished": self._stats["finished"],
+                "requests_cancelled": self._stats["cancelled"], "requests_rejected": self._stats["rejected"],
+                "step_errors": self._stats["errors"],
+                "version": self.version}
+
+    # ---------------------------------------------------------------- the loop
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stopping and not (self._drain and (self._waiting or self._active)):
+                    return
+            try:
+                self._step()
+            except Exception:  # a failed forward must not kill the server: fail the batch, keep serving
+                log.exception("engine step failed; failing %d running sequences", len(self._active))
+                self._stats["errors"] += 1
+                for seq in self._active:
+                    self._finish(seq, "error")
+                self._active = []
+
+    def _cancel_all(self) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for h in waiting:
+            h._emit(TokenEvent(None, "", None, "cancelled"))
+        for seq in self._active:
+            self._finish(seq, "cancelled")
+        self._active = []
+
+    def _step(self) -> None:
+        """Drop cancelled sequences, admit waiting ones into free slots, then one batched decode step."""
+        for seq in self._active:
+            if seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+        self._compact()
+        while len(self._active) < self.max_batch:
+            with self._cv:
+                if not self._waiting:
+                    break
+                handle = self._waiting.popleft()
+            if handle.cancelled:
+                handle._emit(TokenEvent(None, "", None, "cancelled"))
+                self._stats["cancelled"] += 1
+                continue
+            self._admit(handle)
+        self._compact()  # a sequence can end at its first token (an end token right after the prompt)
+        self._peak_running = max(self._peak_running, len(self._active))
+        if self._active:
+            self._decode_step()
+        self._compact()
+
+    def _admit(self, handle: GenerationHandle) -> None:
+        p = handle.params
+        max_new = max(1, min(p.max_tokens, self.block - 1))
+        gen = None
+        if p.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+        seq = _Seq(handle, slot=len(self._active), pos=len(handle.prompt_ids), max_new=max_new, generator=gen)
+        self._active.append(seq)
+        logits = self.runner.prefill(seq.slot, handle.prompt_ids)             # (V,)
+        self._stats["prefills"] += 1
+        self._sample_and_emit([seq], logits[None])
+
+    def _decode_step(self) -> None:
+        seqs = self._active
+        tokens, positions = [s.last for s in seqs], [s.pos for s in seqs]
+        span = max(positions) + 1
+        same = len(set(positions)) == 1
+        if self.static_shapes:  # pad to the compiled shape; padded rows write to free slots only
+            pad = self.max_batch - len(seqs)
+            tokens, positions = tokens + [self.ends[0]] * pad, positions + [0] * pad
+            span, same = self.block, False
+        t = torch.tensor(tokens, device=self.device)
+        p = torch.tensor(positions, device=self.device)
+        logits = self._decode(t, p, span, same)[: len(seqs)]                  # (B, V)
+        self._stats["steps"] += 1
+        for s in seqs:
+            s.pos += 1
+        self._sample_and_emit(seqs, logits)
+
+    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Pick each row's next token (greedy argmax, or temperature + top-p with the row's own generator)."""
+        logits = logits.float()                                                # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        picks = logits.argmax(dim=-1)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                picks[i] = _sample_row(logits[i], s.handle.params, s.generator)
+        chosen = logp.gather(1, picks[:, None])[:, 0]
+        for s, tok, lp in zip(seqs, picks.tolist(), chosen.tolist()):
+            self._advance(s, tok, lp)
+
+    def _advance(self, s: _Seq, tok: int, lp: float) -> None:
+        """Record one token for s: emit its text delta and finish on an end token, stop string or length."""
+        h = s.handle
+        if h.cancelled:
+            return self._finish(s, "cancelled")
+        if tok in self.ends:
+            return self._finish(s, "stop")
+        s.tokens.append(tok)
+        s.last = tok
+        self._stats["tokens"] += 1
+        stops = [x for x in h.params.stop if x]
+        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(x) for x in stops) if i != -1), default=-1)
+        if cut != -1:
+            h._emit(TokenEvent(tok, text[s.sent:cut] if cut > s.sent else "", lp))
+            s.sent = max(s.sent, cut)
+            return self._finish(s, "stop", flush=False)
+        safe = len(text) - _stop_prefix_len(text, stops)
+        while safe > s.sent and text[safe - 1] == "\ufffd":   # an unfinished UTF-8 character: wait for its bytes
+            safe -= 1
+        h._emit(TokenEvent(tok, text[s.sent:safe] if safe > s.sent else "", lp))
+        s.sent = max(s.sent, safe)
+        if len(s.tokens) >= s.max_new or s.pos >= self.block:
+            self._finish(s, "length")
+
+    def _finish(self, s: _Seq, reason: str, flush: bool = True) -> None:
+        """Final event, carrying any held-back text (not after a stop string or a cancel); the slot frees
+        at the next compaction."""
+        if s.handle.done:
+            return
+        rest = ""
+        if flush and reason in ("stop", "length") and s.tokens:
+            rest = self.tokenizer.decode(s.tokens, skip_special_tokens=True)[s.sent:]
+        s.handle._emit(TokenEvent(None, rest, None, reason))
+        self._stats["finished" if reason != "cancelled" else "cancelled"] += 1
+
+    def _compact(self) -> None:
+        """Finished sequences leave; survivors move down to slots 0..n-1 (their cache rows with them)."""
+        survivors = [s for s in self._active if not s.handle.done]
+        for i, s in enumerate(survivors):
+            if s.slot != i:
+                self.runner.move(s.slot, i, s.pos)
+                s.slot = i
+        self._active = survivors
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """Temperature then nucleus (top_p) filtering, as HF's warpers do, then one draw from gen."""
+    scores = logits / p.temperature                                            # (V,)
+    if p.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - p.top_p)
+        remove[-1] = False                                                     # keep at least the top token
+        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
