@@ -45,4 +45,5 @@ bench: setup
 	$(BIN)/python benchmarks/train_bench.py
 
 clean:
-	rm -rf data/raw data/processed data/validation data/reports data/scoping checkpoints .prefect
+	rm -rf data/raw data/processed data/validation data/reports data/scoping data/source data/evaluation \
+		params.resolved.yaml checkpoints .prefect
