@@ -230,6 +230,7 @@ class RegistryConfig(Section):
 class RateLimitConfig(Section):
     requests_per_minute: int = Field(120, ge=1)
     tokens_per_minute: int = Field(60_000, ge=1)
+    storage: str | None = Field(None, description="limits storage URI (redis://host:6379); None = in memory")
 
 
 class ServingConfig(Section):
@@ -238,6 +239,15 @@ class ServingConfig(Section):
     quantize: Literal["none", "int8"] = "none"
     max_new_tokens: int = Field(128, ge=1)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    max_batch: int = Field(16, ge=1, description="sequences decoded together by the engine")
+    max_queue: int = Field(64, ge=1, description="waiting requests before 503 + Retry-After")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (also bounded by the context)")
+    max_n: int = Field(8, ge=1, description="most choices (n) per request")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body")
+    poll_interval_s: float = Field(30.0, ge=0, description="champion alias poll interval; 0 = never poll")
+    keys_file: str | None = Field(None, description="file with one API key a line (beside LLMCYCLE_API_KEYS)")
+    log_dir: str = Field("data/inference", description="request log folder (JSONL, rotated daily and by size)")
+    log_max_bytes: int = Field(64_000_000, ge=1024, description="rotate a request log file past this size")
 
 
 class MonitoringConfig(Section):

@@ -1,0 +1,321 @@
+"""The FastAPI app: OpenAI-compatible /v1 routes over the batching engine, plus health, metrics, admin.
+
+Bodies are read and validated by hand (size cap, JSON, pydantic) so every malformed request is a
+4xx OpenAI error naming the field. Generation runs in the engine's thread; handlers only await its
+events. Every response names the model version (`model`, `system_fingerprint`, X-Model-Version).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from components.config import Settings
+from components.serving import schemas as S
+from components.serving.auth import KeyRing
+from components.serving.limits import RateLimiter
+from components.serving.metrics import CONTENT_TYPE_LATEST, Metrics
+from components.serving.model_store import ModelStore, Served, UnknownModel
+from components.serving.request_log import RequestLog
+
+log = logging.getLogger("llmcycle.serving")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, S.error_body(message, type_, param, code), headers or {}
+
+
+def create_app(settings: Settings, keys: KeyRing, model: str | None = None, store: ModelStore | None = None,
+               request_log: RequestLog | None = None, load_on_start: bool = True) -> FastAPI:
+    cfg = settings.serving
+    metrics = Metrics()
+    store = store or ModelStore(settings, model, metrics=metrics)
+    store.metrics = metrics
+    limiter = RateLimiter(cfg.rate_limit)
+    reqlog = request_log or RequestLog(settings.path(cfg.log_dir), max_bytes=cfg.log_max_bytes)
+    feedback_log = RequestLog(settings.path("data", "feedback"), prefix="feedback")
+
+    def scrape() -> None:
+        if store.current is not None:
+            metrics.set_engine(store.current.engine.stats)
+        metrics.log_dropped.set(reqlog.dropped)
+    metrics.on_scrape(scrape)
+
+    async def lifespan(app: FastAPI):
+        if load_on_start:
+            def boot() -> None:
+                store.load_primary()
+                store.start_polling()
+            asyncio.get_running_loop().run_in_executor(None, boot)
+        yield
+        store.close()
+        reqlog.close()
+        feedback_log.close()
+
+    app = FastAPI(title="llmcycle", lifespan=lifespan)
+    app.state.store, app.state.metrics, app.state.request_log, app.state.keys = store, metrics, reqlog, keys
+
+    # ------------------------------------------------------------------ errors and accounting
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(S.error_body(str(exc.detail), "invalid_request_error", None, str(exc.status_code)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(S.error_body("internal server error", "server_error", None, "internal_error"),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        return response
+
+    def authorize(request: Request) -> str:
+        kid = keys.check(request.headers.get("authorization"))
+        if kid is None:
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)", None,
+                           "invalid_api_key", "authentication_error")
+        return kid
+
+    async def read_body(request: Request, model_cls):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > cfg.max_body_bytes:
+            raise ApiError(413, f"request body is {length} bytes; the limit is {cfg.max_body_bytes}", None,
+                           "body_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > cfg.max_body_bytes:
+                raise ApiError(413, f"request body exceeds {cfg.max_body_bytes} bytes", None, "body_too_large")
+        try:
+            obj = json.loads(bytes(raw) or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"body is not valid JSON: {exc}", None, "invalid_json") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "body must be a JSON object", None, "invalid_json")
+        try:
+            return model_cls.model_validate(obj)
+        except ValidationError as exc:
+            body = S.validation_error_body(exc)
+            raise ApiError(400, body["error"]["message"], body["error"]["param"], body["error"]["code"]) from None
+
+    # ------------------------------------------------------------------ completions
+    async def complete(request: Request, chat: bool):
+        t0 = time.perf_counter()
+        kid = authorize(request)
+        req = await read_body(request, S.ChatRequest if chat else S.CompletionRequest)
+        if req.n > cfg.max_n:
+            raise ApiError(400, f"n: at most {cfg.max_n}", "n", "invalid_value")
+        if req.max_tokens is not None and req.max_tokens > cfg.max_new_tokens:
+            raise ApiError(400, f"max_tokens: at most {cfg.max_new_tokens} (serving.max_new_tokens)", "max_tokens",
+                           "invalid_value")
+        if store.current is None:
+            raise ApiError(503, "no model loaded yet" + (f" ({store.last_error})" if store.last_error else ""),
+                           None, "model_not_ready", "server_error", {"Retry-After": "5"})
+        try:
+            served = await run_in_threadpool(store.get, req.model)
+        except UnknownModel as exc:
+            raise ApiError(404, str(exc), "model", "model_not_found") from None
+        except Exception as exc:  # noqa: BLE001 - a version that exists but cannot load
+            raise ApiError(503, f"model {req.model!r} could not be loaded: {exc}", "model", "model_unavailable",
+                           "server_error", {"Retry-After": "30"}) from None
+        try:
+            return await _generate(request, req, served, kid, chat, t0)
+        except BaseException:
+            served.release()
+            raise
+
+    async def _generate(request: Request, req, served: Served, kid: str, chat: bool, t0: float):
+        from components.serving.engine import QueueFull, SamplingParams
+
+        tok = served.tokenizer
+        if chat:
+            texts = [tok.apply_chat_template([{"role": m.role, "content": m.text} for m in req.messages],
+                                             add_generation_prompt=True, tokenize=False)]
+        else:
+            texts = req.prompts
+        field = "messages" if chat else "prompt"
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        limit = min(cfg.max_prompt_tokens, served.context_len - 1)
+        for row in ids:
+            if len(row) > limit:
+                raise ApiError(400, f"{field}: {len(row)} tokens; the limit is {limit} (model context "
+                               f"{served.context_len}, serving.max_prompt_tokens {cfg.max_prompt_tokens})",
+                               field, "context_length_exceeded")
+        longest = max(len(r) for r in ids)
+        max_tokens = req.max_tokens or min(cfg.max_new_tokens, served.context_len - longest)
+        if longest + max_tokens > served.context_len:
+            raise ApiError(400, f"max_tokens: prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model "
+                           f"context ({served.context_len})", "max_tokens", "context_length_exceeded")
+        verdict = limiter.check(kid, sum(map(len, ids)) + req.n * len(ids) * max_tokens)
+        if not verdict.allowed:
+            metrics.rate_limited.labels(limit=verdict.which).inc()
+            raise ApiError(429, f"rate limit reached for {verdict.which} per minute; retry in "
+                           f"{verdict.retry_after_s}s", None, "rate_limit_exceeded", "rate_limit_error",
+                           {"Retry-After": str(verdict.retry_after_s)})
+        jobs, handles = [], []
+        try:
+            for p, row in enumerate(ids):
+                for j in range(req.n):
+                    params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                            stop=req.stops, seed=None if req.seed is None else req.seed + j)
+                    handles.append(served.engine.submit(row, params))
+                    jobs.append((p, row))
+        except QueueFull as exc:
+            for h in handles:
+                h.cancel()
+            raise ApiError(503, f"server busy: {exc}", None, "queue_full", "server_error",
+                           {"Retry-After": str(getattr(exc, "retry_after", 1))}) from None
+        rid = S.new_id("chatcmpl" if chat else "cmpl")
+        headers = {"X-Model-Version": served.ref.version, "X-Request-Id": rid}
+        route = request.url.path
+        state = [{"text": [], "lps": [], "n": 0, "finish": None} for _ in handles]
+        first = [None]
+
+        def record(i: int) -> None:
+            st, (p, row) = state[i], jobs[i]
+            lps = st["lps"]
+            reqlog.log({"id": rid, "index": i, "endpoint": route, "model": served.ref.label,
+                        "version": served.ref.version, "key_id": kid, "prompt": texts[p],
+                        "completion": "".join(st["text"]), "prompt_tokens": len(row), "completion_tokens": st["n"],
+                        "latency_s": round(time.perf_counter() - t0, 4),
+                        "ttft_s": None if first[0] is None else round(first[0] - t0, 4),
+                        "mean_logprob": (sum(lps) / len(lps)) if lps else None, "finish_reason": st["finish"],
+                        "temperature": req.temperature, "stream": req.stream})
+            metrics.tokens.labels(version=served.ref.version).inc(st["n"])
+            metrics.prompt_tokens.labels(version=served.ref.version).inc(len(row))
+
+        def consume(i: int, ev) -> None:
+            st = state[i]
+            if first[0] is None and ev.token_id is not None:
+                first[0] = time.perf_counter()
+                metrics.ttft.labels(route=route).observe(first[0] - t0)
+            if ev.text:
+                st["text"].append(ev.text)
+            if ev.token_id is not None:
+                st["n"] += 1
+            if ev.logprob is not None:
+                st["lps"].append(ev.logprob)
+            if ev.finish_reason is not None:
+                st["finish"] = ev.finish_reason
+                record(i)
+
+        def totals() -> dict:
+            return S.usage(sum(len(r) for _, r in jobs), sum(st["n"] for st in state))
+
+        label, fp = served.ref.label, served.fingerprint
+        if req.stream:
+            async def sse() -> AsyncIterator[bytes]:
+                try:
+                    opened = set()
+                    async for i, ev in merge(handles):
+                        consume(i, ev)
+                        finish = _openai_finish(ev.finish_reason)
+                        if ev.text or finish or (chat and i not in opened):
+                            c = S.chunk(rid, label, fp, i, ev.text, finish, chat, first=i not in opened)
+                            opened.add(i)
+                            yield f"data: {json.dumps(c)}\n\n".encode()
+                    if req.stream_options and req.stream_options.include_usage:
+                        c = {**S.chunk(rid, label, fp, 0, None, None, chat), "choices": [], "usage": totals()}
+                        yield f"data: {json.dumps(c)}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                    metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+                finally:
+                    served.release()
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+
+        async def collect() -> None:
+            async for i, ev in merge(handles):
+                consume(i, ev)
+        task = asyncio.ensure_future(collect())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()   # merge() cancels the engine's sequences
+            await task
+        finally:
+            served.release()
+        metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+        choices = []
+        for i, st in enumerate(state):
+            text = "".join(st["text"])
+            if not chat and req.echo:
+                text = texts[jobs[i][0]] + text
+            finish = _openai_finish(st["finish"])
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+        return JSONResponse(S.completion_response(rid, label, fp, choices, totals(), chat), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    from components.serving.routes import add_routes
+    add_routes(app, store=store, keys=keys, metrics=metrics, authorize=authorize, read_body=read_body,
+               feedback_log=feedback_log, ApiError=ApiError)
+    return app
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+async def merge(handles: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave the event streams of several handles as (index, event); cancels them all on exit."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: Any) -> None:
+        try:
+            async for ev in h.aevents():
+                await q.put((i, ev))
+        finally:
+            await q.put((i, None))
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    left = len(tasks)
+    try:
+        while left:
+            i, ev = await q.get()
+            if ev is None:
+                left -= 1
+                continue
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            if not getattr(h, "done", False):
+                h.cancel()
+
+
+KNOWN_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/healthz", "/readyz",
+                "/metrics", "/admin/reload"}

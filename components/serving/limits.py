@@ -1,0 +1,47 @@
+"""Per-key rate limits with the `limits` library: requests/min and tokens/min, moving windows.
+
+Storage is in memory by default (one server process); serving.rate_limit.storage names a shared one
+(redis://host:6379) when several replicas must share a budget. Tokens are charged up front at the
+request's worst case (prompt + n * max_tokens): a conservative budget that needs no refund path.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from components.config import RateLimitConfig
+
+
+@dataclass
+class Verdict:
+    allowed: bool
+    retry_after_s: int = 0
+    which: str = ""  # "requests" | "tokens"
+
+
+class RateLimiter:
+    def __init__(self, config: RateLimitConfig):
+        from limits import RateLimitItemPerMinute
+        from limits.storage import storage_from_string
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.storage = storage_from_string(config.storage or "memory://")
+        self.limiter = MovingWindowRateLimiter(self.storage)
+        self.requests = RateLimitItemPerMinute(config.requests_per_minute)
+        self.tokens = RateLimitItemPerMinute(config.tokens_per_minute)
+
+    def _retry_after(self, item, key: str) -> int:
+        reset = self.limiter.get_window_stats(item, key).reset_time
+        return max(1, math.ceil(reset - time.time()))
+
+    def check(self, key: str, tokens: int) -> Verdict:
+        """Charge one request and `tokens` tokens to `key`; a refused request is not charged tokens."""
+        if not self.limiter.hit(self.requests, key):
+            return Verdict(False, self._retry_after(self.requests, key), "requests")
+        cost = max(1, int(tokens))
+        if cost > self.tokens.amount:
+            return Verdict(False, 60, "tokens")
+        if not self.limiter.hit(self.tokens, key, cost=cost):
+            return Verdict(False, self._retry_after(self.tokens, key), "tokens")
+        return Verdict(True)

@@ -1,0 +1,137 @@
+"""OpenAI-compatible request and response bodies (the subset the `openai` client sends and reads).
+
+Requests are validated here, so a malformed body becomes a 4xx naming the field (see errors.py-style
+helpers below) instead of a 500. Compromise: text only (no images, tools or logprobs arrays); unknown
+fields are ignored, as many OpenAI-compatible servers do, so newer clients keep working.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class _Sampling(_Req):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @property
+    def stops(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(_Req):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Req):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class FeedbackRequest(_Req):
+    completion_id: str | None = Field(None, max_length=128)
+    rating: Literal["up", "down"] | None = None
+    corrected: str | None = None
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+
+
+# ----------------------------------------------------------------------------- errors
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def validation_error_body(exc: ValidationError) -> dict:
+    """The first pydantic error as an OpenAI error naming the field (dotted path: messages.0.role)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "literal"))]
+    # Unions add the tried type's name to the path (prompt.str, stop.list[str]): keep the field names.
+    loc = [p for p in loc if p not in ("str", "list[str]", "list[TextPart]", "int")]
+    param = ".".join(loc) or None
+    return error_body(f"{param or 'body'}: {err.get('msg', 'invalid value')}", param=param,
+                      code="missing_field" if err.get("type") == "missing" else "invalid_value")
+
+
+# ----------------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def completion_response(rid: str, model: str, fingerprint: str, choices: list[dict], usage: dict,
+                        chat: bool) -> dict:
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": fingerprint, "choices": choices, "usage": usage}
+
+
+def chunk(rid: str, model: str, fingerprint: str, index: int, text: str | None, finish: str | None,
+          chat: bool, first: bool = False) -> dict:
+    if chat:
+        delta: dict = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

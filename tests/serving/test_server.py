@@ -1,0 +1,264 @@
+"""The OpenAI-compatible server end to end: a real uvicorn on loopback, a tiny model from a SQLite
+MLflow registry, driven over HTTP with httpx and the official `openai` client.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from components import tracking
+from tests.serving.server_helpers import (ADMIN, KEY, auth, build_registry, engine_available, make_app,
+                                          running_server)
+
+pytestmark = pytest.mark.skipif(not engine_available(),
+                                reason="components/serving/engine.py (the batching engine) has not landed yet")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    return build_registry(tmp_path_factory.mktemp("serveproj"))
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    app = make_app(registry)
+    with running_server(app) as base:
+        yield base, app
+
+
+def post(base, path, body, key=KEY, **kw):
+    return httpx.post(f"{base}{path}", json=body, headers=auth(key) if key else {}, timeout=60, **kw)
+
+
+# ----------------------------------------------------------------------------- OpenAI client
+def test_openai_client_completions_chat_and_streaming(server):
+    import openai
+
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    out = client.completions.create(model="llmcycle", prompt="def add(a, b):", max_tokens=6, temperature=0)
+    assert out.model == "llmcycle@champion" and out.system_fingerprint == "llmcycle-v1"
+    assert out.usage.completion_tokens <= 6 and out.usage.prompt_tokens > 0
+    again = client.completions.create(model="llmcycle", prompt="def add(a, b):", max_tokens=6, temperature=0)
+    assert again.choices[0].text == out.choices[0].text          # greedy is deterministic
+
+    chat = client.chat.completions.create(model="llmcycle", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=5, temperature=0.8, top_p=0.9, seed=3, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    stream = client.chat.completions.create(model="llmcycle", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 5
+    assert any(c.choices and c.choices[0].finish_reason in ("stop", "length") for c in chunks)
+    full = client.chat.completions.create(model="llmcycle", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=5, temperature=0)
+    assert text == full.choices[0].message.content
+
+
+def test_sse_ends_with_done_and_names_version(server):
+    base, _ = server
+    with httpx.stream("POST", f"{base}/v1/completions", headers=auth(), timeout=60,
+                      json={"model": "llmcycle", "prompt": "x = ", "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][len("data: "):])
+    assert first["object"] == "text_completion" and first["system_fingerprint"] == "llmcycle-v1"
+
+
+def test_models_health_ready_metrics(server):
+    base, _ = server
+    ids = [m["id"] for m in httpx.get(f"{base}/v1/models", headers=auth()).json()["data"]]
+    assert {"llmcycle", "llmcycle@champion", "llmcycle@challenger", "llmcycle/1", "llmcycle/2"} <= set(ids)
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{base}/readyz").json()
+    assert ready["status"] == "ready" and ready["version"] == "1"
+    post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2})
+    text = httpx.get(f"{base}/metrics").text
+    for name in ("llmcycle_requests_total", "llmcycle_request_latency_seconds_bucket",
+                 "llmcycle_time_to_first_token_seconds_bucket", "llmcycle_tokens_generated_total",
+                 "llmcycle_batch_size", "llmcycle_queue_depth", 'llmcycle_serving_version{name="llmcycle",version="1"}',
+                 "llmcycle_reload_failures_total"):
+        assert name in text, name
+
+
+def test_request_by_version_or_alias(server):
+    base, _ = server
+    r = post(base, "/v1/completions", {"model": "llmcycle@challenger", "prompt": "a", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["system_fingerprint"] == "llmcycle-v2"
+    r = post(base, "/v1/completions", {"model": "2", "prompt": "a", "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-model-version"] == "2"
+
+
+# ----------------------------------------------------------------------------- security
+def test_401_without_or_with_wrong_key(server):
+    base, _ = server
+    for key in (None, "sk-wrong"):
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a"}, key=key)
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert post(base, "/admin/reload", {}, key=KEY).status_code == 401      # a user key is not the admin key
+
+
+@pytest.mark.parametrize("body,param,status", [
+    ('{"model": "llmcycle", "prompt": ', None, 400),                          # bad JSON
+    ('[1, 2]', None, 400),
+    ({"model": "llmcycle", "prompt": 123}, "prompt", 400),                     # wrong types
+    ({"model": "llmcycle", "prompt": "a", "max_tokens": "many"}, "max_tokens", 400),
+    ({"model": "llmcycle", "prompt": "a", "temperature": "hot"}, "temperature", 400),
+    ({"model": "llmcycle", "prompt": "a", "max_tokens": -5}, "max_tokens", 400),
+    ({"model": "llmcycle", "prompt": "a", "max_tokens": 10 ** 9}, "max_tokens", 400),
+    ({"model": "llmcycle", "prompt": "a", "n": 1000}, "n", 400),
+    ({"model": "llmcycle", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop", 400),
+    ({"prompt": "a"}, "model", 400),
+    ({"model": "gpt-4", "prompt": "a"}, "model", 404),                         # unknown model
+    ({"model": "llmcycle/99", "prompt": "a"}, "model", 404),
+    ({"model": "llmcycle@nosuchalias", "prompt": "a"}, "model", 404),
+    ({"model": "llmcycle", "prompt": "word " * 2000}, "prompt", 400),          # longer than the context
+])
+def test_malformed_completions_are_4xx_naming_the_field(server, body, param, status):
+    base, _ = server
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{base}/v1/completions", content=content, timeout=60,
+                   headers={**auth(), "content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "llmcycle", "messages": []}, "messages"),
+    ({"model": "llmcycle"}, "messages"),
+    ({"model": "llmcycle", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"model": "llmcycle", "messages": [{"role": "user"}]}, "messages.0.content"),
+])
+def test_malformed_chat_is_400_naming_the_field(server, body, param):
+    base, _ = server
+    r = post(base, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_oversized_body_is_413(server, registry):
+    base, _ = server
+    big = "a" * (registry.serving.max_body_bytes + 10)
+    r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": big})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_429_with_retry_after(registry):
+    from components import config as cfg
+
+    settings = cfg.load(registry.root / "params.yaml", ["serving.rate_limit.requests_per_minute=2"])
+    app = make_app(settings)
+    with running_server(app) as base:
+        codes = [post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 1})
+                 for _ in range(3)]
+        assert [r.status_code for r in codes] == [200, 200, 429]
+        assert int(codes[-1].headers["retry-after"]) >= 1
+        assert codes[-1].json()["error"]["type"] == "rate_limit_error"
+        # another key has its own budget
+    settings = cfg.load(registry.root / "params.yaml", ["serving.rate_limit.tokens_per_minute=20"])
+    with running_server(make_app(settings)) as base:
+        assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 15}).status_code == 200
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 15})
+        assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- versions
+def test_failed_reload_keeps_serving(server):
+    base, _ = server
+    r = post(base, "/admin/reload?wait=true", {"model": "llmcycle/3"}, key=ADMIN)   # v3 has broken weights
+    assert r.status_code == 500 and r.json()["status"] == "failed" and r.json()["version"] == "1"
+    ok = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["system_fingerprint"] == "llmcycle-v1"
+    assert "llmcycle_reload_failures_total 1.0" in httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/readyz").json()["last_reload_error"]
+
+
+def test_hot_swap_under_concurrent_load(registry):
+    from components import config as cfg
+
+    settings = cfg.load(registry.root / "params.yaml", ["serving.rate_limit.requests_per_minute=100000",
+                                                        "serving.rate_limit.tokens_per_minute=100000000"])
+    app = make_app(settings)
+    seen, failures, stop = [], [], threading.Event()
+
+    def client(base):
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{base}/v1/completions", headers=auth(),
+                           json={"model": "llmcycle", "prompt": "def f(", "max_tokens": 8})
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text))
+                else:
+                    seen.append(r.json()["system_fingerprint"])
+
+    with running_server(app) as base:
+        workers = [threading.Thread(target=client, args=(base,)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        tracking.set_alias(registry, "llmcycle", "champion", "2")       # the champion moves ...
+        try:
+            r = post(base, "/admin/reload?wait=true", None, key=ADMIN)  # ... and the server is told
+            assert r.status_code == 200 and r.json()["version"] == "2"
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(60)
+            tracking.set_alias(registry, "llmcycle", "champion", "1")
+    assert not failures, failures[:3]
+    assert "llmcycle-v1" in seen and "llmcycle-v2" in seen
+    assert seen.index("llmcycle-v2") > seen.index("llmcycle-v1")
+    assert seen[-1] == "llmcycle-v2"
+
+
+def test_poller_follows_the_champion_alias(registry):
+    from components import config as cfg
+
+    settings = cfg.load(registry.root / "params.yaml", ["serving.poll_interval_s=0.2"])
+    app = make_app(settings)
+    with running_server(app) as base:
+        tracking.set_alias(registry, "llmcycle", "champion", "2")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and httpx.get(f"{base}/readyz").json()["version"] != "2":
+                time.sleep(0.2)
+            r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2})
+            assert r.json()["system_fingerprint"] == "llmcycle-v2"
+        finally:
+            tracking.set_alias(registry, "llmcycle", "champion", "1")
+
+
+# ----------------------------------------------------------------------------- request log
+def test_request_log_records_completions_without_the_key(server, registry):
+    base, app = server
+    r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "import os", "max_tokens": 3})
+    rid = r.json()["id"]
+    app.state.request_log.flush()
+    rows = [json.loads(ln) for f in sorted((registry.root / "data" / "inference").glob("requests-*.jsonl"))
+            for ln in f.read_text().splitlines()]
+    mine = [row for row in rows if row["id"] == rid]
+    assert len(mine) == 1
+    rec = mine[0]
+    assert rec["prompt"] == "import os" and rec["version"] == "1" and rec["completion_tokens"] <= 3
+    assert rec["key_id"].startswith("k-") and KEY not in json.dumps(rows)
+    assert rec["latency_s"] > 0 and rec["mean_logprob"] is None or rec["mean_logprob"] <= 0
+
+
+def test_feedback_is_stored(server, registry):
+    base, app = server
+    assert post(base, "/v1/feedback", {"completion_id": "cmpl-1", "rating": "up"}).status_code == 200
+    assert post(base, "/v1/feedback", {"prompt": "p", "chosen": "a", "rejected": "b"}).status_code == 200
+    r = post(base, "/v1/feedback", {"rating": "sideways"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rating"
