@@ -130,6 +130,40 @@ def scope(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
 
 @app.command()
 @handles_errors
+def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+          host: Optional[str] = typer.Option(None, "--host", help="bind address (default serving.host)"),
+          port: Optional[int] = typer.Option(None, "--port", help="port (default serving.port)"),
+          model: Optional[str] = typer.Option(None, "--model", help="models:/name@alias, models:/name/3, a version number, runs:/... or a save_pretrained folder (default: models:/<registry.model_name>@champion, followed as the alias moves)"),
+          no_auth: bool = typer.Option(False, "--no-auth", help="serve without API keys (refused otherwise when none are configured)"),
+          generate_key: bool = typer.Option(False, "--generate-key", help="with no keys configured, make (once) and print a key for this machine in data/serving/")) -> None:
+    """Serve the model behind an OpenAI-compatible API (uvicorn): /v1/completions, /v1/chat/completions, /v1/models."""
+    settings = load_settings(config, set_)
+    from components.serving.auth import ADMIN_ENV, KEYS_ENV, KeyRing, machine_keys
+
+    keys_file = str(settings.path(settings.serving.keys_file)) if settings.serving.keys_file else None
+    if generate_key and not no_auth and not os.environ.get(KEYS_ENV) and not keys_file:
+        key, admin = machine_keys(settings.path("data", "serving"))
+        os.environ[KEYS_ENV] = key
+        os.environ.setdefault(ADMIN_ENV, admin)
+        typer.echo(f"API key for this machine: {key}\nadmin key (POST /admin/reload): {os.environ[ADMIN_ENV]}\n"
+                   f"(kept in {settings.path('data', 'serving')})")
+    ring = KeyRing.from_env(keys_file, no_auth=no_auth)
+    host, port = host or settings.serving.host, port or settings.serving.port
+    if no_auth and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: --no-auth on {host}: anyone who reaches this port can use the model",
+                    fg=typer.colors.YELLOW, err=True)
+    import uvicorn
+
+    from components.serving.app import create_app
+
+    api = create_app(settings, ring, model=model)
+    typer.echo(f"serving {model or 'models:/' + settings.registry.model_name + '@champion'} at "
+               f"http://{host}:{port}/v1 (auth {'off' if no_auth else 'on'}; ready when /readyz answers 200)")
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+@app.command()
+@handles_errors
 def ui(config: str = ConfigOpt, port: int = typer.Option(5000, help="port"),
        host: str = typer.Option("127.0.0.1", help="host")) -> None:
     """Open the MLflow UI on the project's tracking store."""

@@ -79,3 +79,23 @@ def bearer(authorization: str | None) -> str | None:
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def machine_keys(folder: Path) -> tuple[str, str]:
+    """(api key, admin key) kept for this machine in folder/api_keys and folder/admin_key (0600), made once.
+
+    What `llmcycle serve --generate-key` (make serve) uses when no keys are configured; folder lives
+    under data/ (git-ignored), so a key never reaches the repository.
+    """
+    import secrets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, prefix in (("api_keys", "sk-llmcycle-"), ("admin_key", "sk-admin-")):
+        path = folder / name
+        if not path.exists() or not path.read_text().strip():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(prefix + secrets.token_urlsafe(24) + "\n")
+        out.append(read_keys_file(path)[0])
+    return out[0], out[1]

@@ -1,0 +1,67 @@
+"""`llmcycle serve` as a user runs it: a subprocess on a free loopback port over a tiny registry."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from components.serving.auth import ADMIN_ENV, KEYS_ENV
+from tests.serving.server_helpers import build_registry, engine_available, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in (KEYS_ENV, ADMIN_ENV, "LLMCYCLE_API_KEYS_FILE")}
+    return {**e, "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_serve_refuses_without_keys(tmp_path):
+    from tests.conftest import write_params
+
+    write_params(tmp_path)
+    r = subprocess.run([*CLI, "serve", "--config", str(tmp_path / "params.yaml")], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--no-auth" in r.stderr
+
+
+@pytest.mark.skipif(not engine_available(), reason="components/serving/engine.py has not landed yet")
+def test_serve_answers_with_generated_key(tmp_path):
+    settings = build_registry(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--config", str(settings.root / "params.yaml"), "--port", str(port),
+                             "--generate-key"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        key = None
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if key is None:
+                line = proc.stdout.readline()
+                if line.startswith("API key for this machine:"):
+                    key = line.split(":", 1)[1].strip()
+                continue
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert key and key == (settings.root / "data" / "serving" / "api_keys").read_text().strip()
+        r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"model": "llmcycle", "prompt": "def f(", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["system_fingerprint"] == "llmcycle-v1"
+        assert httpx.post(f"{base}/v1/completions", json={"model": "llmcycle", "prompt": "a"}).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
