@@ -1,6 +1,7 @@
 """`llmcycle serve` as a user runs it: a subprocess on a free loopback port over a tiny registry."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -59,6 +60,16 @@ def test_serve_answers_with_generated_key(tmp_path):
                        json={"model": "llmcycle", "prompt": "def f(", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["system_fingerprint"] == "llmcycle-v1"
         assert httpx.post(f"{base}/v1/completions", json={"model": "llmcycle", "prompt": "a"}).status_code == 401
+        # A hard kill of the server: the records already written stay whole and readable.
+        rid = r.json()["id"]
+        logs = settings.root / "data" / "inference"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(rid in f.read_text() for f in logs.glob("*.jsonl")):
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(30)
+        rows = [json.loads(ln) for f in logs.glob("requests-*.jsonl") for ln in f.read_text().splitlines()]
+        assert [row["id"] for row in rows if row["id"] == rid] == [rid]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -173,6 +173,17 @@ def test_429_with_retry_after(registry):
         assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
 
 
+def test_full_queue_is_503_with_retry_after(registry):
+    from components import config as cfg
+
+    settings = cfg.load(registry.root / "params.yaml", ["serving.max_batch=1", "serving.max_queue=1"])
+    with running_server(make_app(settings)) as base:
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 50, "n": 8})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) >= 1
+        assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 # ----------------------------------------------------------------------------- versions
 def test_failed_reload_keeps_serving(server):
     base, _ = server
