@@ -257,6 +257,9 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         finally:
             served.release()
         metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+        if any(st["finish"] == "error" for st in state):
+            raise ApiError(500, "generation failed in the engine (see the server log)", None, "engine_error",
+                           "server_error")
         choices = []
         for i, st in enumerate(state):
             text = "".join(st["text"])

@@ -141,6 +141,11 @@ class ModelStore:
             t0 = time.perf_counter()
             model, tokenizer = load_causal_lm(self.settings, ref.uri)
             model.eval()
+            if self.settings.serving.quantize == "int8":
+                # CPU dynamic int8 of every nn.Linear (TRAPS.md: torch.ao is the fast one here); the engine
+                # calls quantized modules where it cannot fuse plain weights. Where it pays: issue 8, part 4.
+                from components.evaluation.quantize import quantize_int8
+                model = quantize_int8(model)
             engine = self.engine_factory(model, tokenizer, self.settings, ref.version)
             engine.start()
             try:

@@ -184,6 +184,18 @@ def test_full_queue_is_503_with_retry_after(registry):
         assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+def test_int8_serving_answers(registry):
+    from components import config as cfg
+
+    settings = cfg.load(registry.root / "params.yaml", ["serving.quantize=int8"])
+    app = make_app(settings)
+    with running_server(app) as base:
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "def f(", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    import torch
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in app.state.store.current.model.modules())
+
+
 # ----------------------------------------------------------------------------- versions
 def test_failed_reload_keeps_serving(server):
     base, _ = server
