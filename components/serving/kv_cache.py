@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _rms_norm(x: Tensor, norm: Any) -> Tensor:
+    """LlamaRMSNorm's own formula, op for op (torch's fused rms_norm is ~3x slower per call on CPU)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -46,32 +53,68 @@ class LlamaKVRunner:
             cos, sin = self.decoder.rotary_emb(probe, pos)                  # (1, L, D)
         self.cos, self.sin = cos[0], sin[0]                                 # (L, D)
         self.positions = torch.arange(self.max_len, device=self.device)
+        self.qkv = [self._qkv_rot(l.self_attn) for l in self.layers]
+        self.gate_up = [self._fused(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
+        self.o = [self._fused(l.self_attn.o_proj) for l in self.layers]
+        self.down = [self._fused(l.mlp.down_proj) for l in self.layers]
+        self.lm_head = self._fused(model.lm_head)
+
+    @staticmethod
+    def _fused(*linears: Any):
+        """One matmul for several projections of the same input (fewer kernel launches per token): their
+        weights concatenated; plain nn.Linear only, so a quantized model keeps calling its own modules.
+        The weights are read once here: an engine serves the weights it was built with."""
+        if all(type(m) is torch.nn.Linear and m.bias is None for m in linears):
+            weight = linears[0].weight.detach() if len(linears) == 1 else \
+                torch.cat([m.weight.detach() for m in linears], dim=0)          # (sum N, C)
+            return lambda h: F.linear(h, weight)
+        if len(linears) == 1:
+            return linears[0]
+        return lambda h: torch.cat([m(h) for m in linears], dim=-1)
+
+    def _qkv_rot(self, attn: Any):
+        """h -> [q, k, v, rotate_half(q), rotate_half(k)] as (B, T, (2H + 3Hkv) * D).
+
+        rotate_half is a signed permutation of output rows, so for plain linears it is folded into the
+        weight (one matmul gives both halves of RoPE, exactly: the same dot products, negated or moved).
+        """
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if all(type(m) is torch.nn.Linear and m.bias is None for m in lins):
+            qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight]).detach()           # ((H + Hkv) D, C)
+            rot = _rotate_half(qk.view(H + Hkv, D, -1).transpose(1, 2)).transpose(1, 2).reshape(qk.shape)
+            weight = torch.cat([qk, attn.v_proj.weight.detach(), rot])
+            return lambda h: F.linear(h, weight)
+
+        def modules(h: Tensor) -> Tensor:
+            qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], dim=-1)
+            rot = _rotate_half(qk.unflatten(-1, (H + Hkv, D))).flatten(-2)
+            return torch.cat([qk, attn.v_proj(h), rot], dim=-1)
+        return modules
 
     # ------------------------------------------------------------------ attention block
-    def _attend(self, layer: Any, x: Tensor, cos: Tensor, sin: Tensor, write, read, mask: Tensor | None,
+    def _attend(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, write, read, mask: Tensor | None,
                 causal: bool) -> Tensor:
-        """One decoder layer on x (B, T, C); write(k, v) stores the new keys, read() returns the cache span."""
-        attn = layer.self_attn
+        """Decoder layer i on x (B, T, C); write(k, v) stores the new keys, read(k, v) returns the span."""
+        layer = self.layers[i]
         B, T, _ = x.shape
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, D)
-        k = attn.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
-        v = attn.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin                                          # cos, sin: (B, 1, T, D)
-        k = k * cos + _rotate_half(k) * sin
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        h = _rms_norm(x, layer.input_layernorm)
+        qkv = self.qkv[i](h).view(B, T, 2 * H + 3 * Hkv, D).transpose(1, 2)        # (B, 2H + 3Hkv, T, D)
+        qk = qkv[:, :H + Hkv] * cos + qkv[:, H + 2 * Hkv:] * sin                     # RoPE on q and k at once
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:H + 2 * Hkv]                  # (B, H|Hkv, T, D)
         write(k, v)
         keys, values = read(k, v)                                                    # (B, Hkv, S, D)
-        if self.n_kv != self.n_head:
-            rep = self.n_head // self.n_kv
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+        if Hkv != H:
+            keys, values = keys.repeat_interleave(H // Hkv, dim=1), values.repeat_interleave(H // Hkv, dim=1)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and mask is None,
                                            scale=self.scale)                          # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        x = x + attn.o_proj(y)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + self.o[i](y.transpose(1, 2).reshape(B, T, H * D))
+        gate, up = self.gate_up[i](_rms_norm(x, layer.post_attention_layernorm)).chunk(2, -1)
+        return x + self.down[i](F.silu(gate) * up)                          # SwiGLU
 
     def _head(self, x: Tensor) -> Tensor:
-        return self.model.lm_head(self.decoder.norm(x))                              # (B, V)
+        return self.lm_head(_rms_norm(x, self.decoder.norm))                         # (B, V)
 
     # ------------------------------------------------------------------ public steps
     @torch.inference_mode()
@@ -80,11 +123,11 @@ class LlamaKVRunner:
         T = len(ids)
         x = self.decoder.embed_tokens(torch.tensor([ids], device=self.device))      # (1, T, C)
         cos, sin = self.cos[:T][None, None], self.sin[:T][None, None]               # (1, 1, T, D)
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers)):
             def write(k, v, i=i):
                 self.k[i][slot, :, :T] = k[0]
                 self.v[i][slot, :, :T] = v[0]
-            x = self._attend(layer, x, cos, sin, write, lambda k, v: (k, v), None, causal=True)
+            x = self._attend(i, x, cos, sin, write, lambda k, v: (k, v), None, causal=True)
         return self._head(x[:, -1])[0]
 
     @torch.inference_mode()
@@ -96,17 +139,25 @@ class LlamaKVRunner:
         """
         B = tokens.shape[0]
         x = self.decoder.embed_tokens(tokens)[:, None]                              # (B, 1, C)
-        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B, 1, 1, D)
-        mask = None if same_length else (self.positions[:span][None] <= positions[:, None])[:, None, None]
-        rows = torch.arange(B, device=self.device)
-        for i, layer in enumerate(self.layers):
+        if same_length:  # one shared position: slices instead of gathers and scatters, no mask
+            at, mask, rows = span - 1, None, None
+            cos, sin = self.cos[at:span][None, None], self.sin[at:span][None, None]     # (1, 1, 1, D)
+        else:
+            at, rows = None, torch.arange(B, device=self.device)
+            cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B, 1, 1, D)
+            mask = (self.positions[:span][None] <= positions[:, None])[:, None, None]   # (B, 1, 1, S)
+        for i in range(len(self.layers)):
             def write(k, v, i=i):
-                self.k[i][rows, :, positions] = k[:, :, 0]                          # (B, Hkv, D) at each own position
-                self.v[i][rows, :, positions] = v[:, :, 0]
+                if at is not None:
+                    self.k[i][:B, :, at] = k[:, :, 0]
+                    self.v[i][:B, :, at] = v[:, :, 0]
+                else:
+                    self.k[i][rows, :, positions] = k[:, :, 0]                      # (B, Hkv, D) at each own position
+                    self.v[i][rows, :, positions] = v[:, :, 0]
 
             def read(k, v, i=i):
                 return self.k[i][:B, :, :span], self.v[i][:B, :, :span]
-            x = self._attend(layer, x, cos, sin, write, read, mask, causal=False)
+            x = self._attend(i, x, cos, sin, write, read, mask, causal=False)
         return self._head(x[:, 0])
 
     def move(self, src: int, dst: int, length: int) -> None:
