@@ -173,6 +173,20 @@ def test_429_with_retry_after(registry):
         assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
 
 
+def test_client_disconnect_cancels_its_sequences(server):
+    base, app = server
+    engine = app.state.store.current.engine
+    before = engine.stats["requests_cancelled"]
+    with httpx.stream("POST", f"{base}/v1/completions", headers=auth(), timeout=60,
+                      json={"model": "llmcycle", "prompt": "def f(" * 20, "max_tokens": 128, "n": 8,
+                            "temperature": 1.0, "stream": True}) as r:
+        next(r.iter_lines())                     # the first chunk, then hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and engine.stats["requests_cancelled"] == before:
+        time.sleep(0.05)
+    assert engine.stats["requests_cancelled"] > before
+
+
 def test_full_queue_is_503_with_retry_after(registry):
     from components import config as cfg
 
