@@ -125,8 +125,9 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         req = await read_body(request, S.ChatRequest if chat else S.CompletionRequest)
         if req.n > cfg.max_n:
             raise ApiError(400, f"n: at most {cfg.max_n}", "n", "invalid_value")
-        if req.max_tokens is not None and req.max_tokens > cfg.max_new_tokens:
-            raise ApiError(400, f"max_tokens: at most {cfg.max_new_tokens} (serving.max_new_tokens)", "max_tokens",
+        if req.token_cap is not None and req.token_cap > cfg.max_new_tokens:
+            which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise ApiError(400, f"{which}: at most {cfg.max_new_tokens} (serving.max_new_tokens)", which,
                            "invalid_value")
         if store.current is None:
             raise ApiError(503, "no model loaded yet" + (f" ({store.last_error})" if store.last_error else ""),
@@ -162,7 +163,7 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                                f"{served.context_len}, serving.max_prompt_tokens {cfg.max_prompt_tokens})",
                                field, "context_length_exceeded")
         longest = max(len(r) for r in ids)
-        max_tokens = req.max_tokens or min(cfg.max_new_tokens, served.context_len - longest)
+        max_tokens = req.token_cap or min(cfg.max_new_tokens, served.context_len - longest)
         if longest + max_tokens > served.context_len:
             raise ApiError(400, f"max_tokens: prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model "
                            f"context ({served.context_len})", "max_tokens", "context_length_exceeded")

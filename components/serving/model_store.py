@@ -22,6 +22,7 @@ from components.errors import ConfigError
 log = logging.getLogger("llmcycle.serving")
 CHAMPION = "champion"
 MAX_EXTRAS = 2
+EXTRA_RETRY_S = 60.0   # a version that failed to load on request is not tried again for this long
 
 
 class UnknownModel(Exception):
@@ -82,6 +83,8 @@ class ModelStore:
         self.failed_version: str | None = None
         self._swap_lock = threading.Lock()
         self._load_lock = threading.Lock()   # one load at a time (memory): reloads queue behind it
+        self._extra_lock = threading.Lock()
+        self._failed_extras: dict[str, tuple[float, str]] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -225,23 +228,41 @@ class ModelStore:
             if r in ("", self.name, cur.ref.label, f"{self.name}@{CHAMPION}", cur.fingerprint):
                 return cur.acquire()
         ref = self.resolve(r)
+        hit = self._held(ref)
+        if hit is not None:
+            return hit
+        failed = self._failed_extras.get(ref.uri)
+        if failed and time.monotonic() - failed[0] < EXTRA_RETRY_S:
+            raise RuntimeError(f"{failed[1]} ({time.monotonic() - failed[0]:.0f} s ago; retried after "
+                               f"{EXTRA_RETRY_S:.0f} s)")
+        with self._extra_lock:   # one extra load at a time: a second request for it waits, then finds it
+            hit = self._held(ref)
+            if hit is not None:
+                return hit
+            try:
+                served = self.load(ref)
+            except Exception as exc:  # a broken version must not be reloaded by every request for it
+                self._failed_extras[ref.uri] = (time.monotonic(), f"{type(exc).__name__}: {exc}"[:300])
+                raise
+            served.ref.label = ref.label
+            with self._swap_lock:
+                self.extras[ref.uri] = served
+                evicted = [self.extras.popitem(last=False)[1] for _ in range(max(0, len(self.extras) - MAX_EXTRAS))]
+                served.acquire()
+        for old in evicted:
+            self._retire(old)
+        return served
+
+    def _held(self, ref: Ref) -> Served | None:
+        """The already loaded Served for ref (current or an extra), acquired; None when not loaded."""
         with self._swap_lock:
             if self.current is not None and ref.uri == self.current.ref.uri:
                 return self.current.acquire()
-        with self._swap_lock:
             hit = self.extras.get(ref.uri)
             if hit is not None:
                 self.extras.move_to_end(ref.uri)
                 return hit.acquire()
-        served = self.load(ref)
-        served.ref.label = ref.label
-        with self._swap_lock:
-            self.extras[ref.uri] = served
-            evicted = [self.extras.popitem(last=False)[1] for _ in range(max(0, len(self.extras) - MAX_EXTRAS))]
-            served.acquire()
-        for old in evicted:
-            self._retire(old)
-        return served
+        return None
 
     # ------------------------------------------------------------------ alias watch
     def start_polling(self) -> None:

@@ -47,7 +47,7 @@ def test_openai_client_completions_chat_and_streaming(server):
     assert again.choices[0].text == out.choices[0].text          # greedy is deterministic
 
     chat = client.chat.completions.create(model="llmcycle", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=5, temperature=0.8, top_p=0.9, seed=3, n=2)
+                                          max_completion_tokens=5, temperature=0.8, top_p=0.9, seed=3, n=2)
     assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
 
@@ -211,6 +211,17 @@ def test_int8_serving_answers(registry):
 
 
 # ----------------------------------------------------------------------------- versions
+def test_broken_extra_version_is_503_and_not_reloaded_per_request(server):
+    base, app = server
+    first = post(base, "/v1/completions", {"model": "llmcycle/3", "prompt": "a", "max_tokens": 2})
+    assert first.status_code == 503 and first.json()["error"]["param"] == "model"
+    t0 = time.perf_counter()
+    again = post(base, "/v1/completions", {"model": "llmcycle/3", "prompt": "a", "max_tokens": 2})
+    assert again.status_code == 503 and "retried after" in again.json()["error"]["message"]
+    assert time.perf_counter() - t0 < 5
+    assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 def test_failed_reload_keeps_serving(server):
     base, _ = server
     r = post(base, "/admin/reload?wait=true", {"model": "llmcycle/3"}, key=ADMIN)   # v3 has broken weights
