@@ -149,13 +149,16 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         from components.serving.engine import QueueFull, SamplingParams
 
         tok = served.tokenizer
-        if chat:
-            texts = [tok.apply_chat_template([{"role": m.role, "content": m.text} for m in req.messages],
-                                             add_generation_prompt=True, tokenize=False)]
-        else:
-            texts = req.prompts
+
+        def tokenize() -> tuple[list[str], list[list[int]]]:   # a big prompt must not stall the event loop
+            if chat:
+                texts = [tok.apply_chat_template([{"role": m.role, "content": m.text} for m in req.messages],
+                                                 add_generation_prompt=True, tokenize=False)]
+            else:
+                texts = req.prompts
+            return texts, [tok.encode(t, add_special_tokens=False) for t in texts]
+        texts, ids = await run_in_threadpool(tokenize)
         field = "messages" if chat else "prompt"
-        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
         limit = min(cfg.max_prompt_tokens, served.context_len - 1)
         for row in ids:
             if len(row) > limit:
