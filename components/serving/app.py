@@ -10,10 +10,10 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,9 +22,10 @@ from components.config import Settings
 from components.serving import schemas as S
 from components.serving.auth import KeyRing
 from components.serving.limits import RateLimiter
-from components.serving.metrics import CONTENT_TYPE_LATEST, Metrics
+from components.serving.metrics import Metrics
 from components.serving.model_store import ModelStore, Served, UnknownModel
 from components.serving.request_log import RequestLog
+from components.serving.streams import merge, openai_finish
 
 log = logging.getLogger("llmcycle.serving")
 
@@ -233,7 +234,7 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                     opened = set()
                     async for i, ev in merge(handles):
                         consume(i, ev)
-                        finish = _openai_finish(ev.finish_reason)
+                        finish = openai_finish(ev.finish_reason)
                         if ev.text or finish or (chat and i not in opened):
                             c = S.chunk(rid, label, fp, i, ev.text, finish, chat, first=i not in opened)
                             opened.add(i)
@@ -269,7 +270,7 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
             text = "".join(st["text"])
             if not chat and req.echo:
                 text = texts[jobs[i][0]] + text
-            finish = _openai_finish(st["finish"])
+            finish = openai_finish(st["finish"])
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                                 "finish_reason": finish})
@@ -289,39 +290,6 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
     add_routes(app, store=store, keys=keys, metrics=metrics, authorize=authorize, read_body=read_body,
                feedback_log=feedback_log, ApiError=ApiError)
     return app
-
-
-def _openai_finish(reason: str | None) -> str | None:
-    if reason is None:
-        return None
-    return "length" if reason == "length" else "stop"
-
-
-async def merge(handles: list[Any]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave the event streams of several handles as (index, event); cancels them all on exit."""
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, h: Any) -> None:
-        try:
-            async for ev in h.aevents():
-                await q.put((i, ev))
-        finally:
-            await q.put((i, None))
-    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    left = len(tasks)
-    try:
-        while left:
-            i, ev = await q.get()
-            if ev is None:
-                left -= 1
-                continue
-            yield i, ev
-    finally:
-        for t in tasks:
-            t.cancel()
-        for h in handles:
-            if not getattr(h, "done", False):
-                h.cancel()
 
 
 KNOWN_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/healthz", "/readyz",

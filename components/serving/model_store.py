@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from components.config import Settings
-from components.errors import ConfigError
 
 log = logging.getLogger("llmcycle.serving")
 CHAMPION = "champion"
@@ -303,4 +302,4 @@ class ModelStore:
                  "created": int((mv.creation_timestamp or 0) / 1000)} for mv in mvs]
 
 
-__all__ = ["ModelStore", "Served", "Ref", "UnknownModel", "ConfigError"]
+__all__ = ["ModelStore", "Served", "Ref", "UnknownModel"]
