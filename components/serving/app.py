@@ -172,6 +172,9 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
             raise ApiError(400, f"max_tokens: prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model "
                            f"context ({served.context_len})", "max_tokens", "context_length_exceeded")
         verdict = limiter.check(kid, sum(map(len, ids)) + req.n * len(ids) * max_tokens)
+        if not verdict.allowed and verdict.which == "storage":
+            raise ApiError(503, "rate-limit storage unreachable (serving.rate_limit.storage)", None,
+                           "rate_limit_storage_unavailable", "server_error", {"Retry-After": "5"})
         if not verdict.allowed:
             metrics.rate_limited.labels(limit=verdict.which).inc()
             raise ApiError(429, f"rate limit reached for {verdict.which} per minute; retry in "

@@ -6,11 +6,14 @@ request's worst case (prompt + n * max_tokens): a conservative budget that needs
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 from components.config import RateLimitConfig
+
+log = logging.getLogger("llmcycle.serving")
 
 
 @dataclass
@@ -36,7 +39,15 @@ class RateLimiter:
         return max(1, math.ceil(reset - time.time()))
 
     def check(self, key: str, tokens: int) -> Verdict:
-        """Charge one request and `tokens` tokens to `key`; a refused request is not charged tokens."""
+        """Charge one request and `tokens` tokens to `key`; which="storage" when the store cannot be reached
+        (the app answers 503: an unreachable Redis must neither crash requests nor lift the limits)."""
+        try:
+            return self._check(key, tokens)
+        except Exception as exc:  # noqa: BLE001 - redis ConnectionError, timeouts, ...
+            log.error("rate-limit storage failed: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc))
+            return Verdict(False, 5, "storage")
+
+    def _check(self, key: str, tokens: int) -> Verdict:
         if not self.limiter.hit(self.requests, key):
             return Verdict(False, self._retry_after(self.requests, key), "requests")
         cost = max(1, int(tokens))

@@ -46,3 +46,12 @@ def test_rate_limits_per_key_requests_and_tokens():
     v = lim.check("b", 20)
     assert not v.allowed and v.which == "tokens"
     assert lim.check("c", 1000).which == "tokens"          # larger than the whole budget
+
+
+def test_unreachable_redis_storage_refuses_instead_of_crashing():
+    pytest.importorskip("redis")
+    from tests.serving.server_helpers import free_port
+
+    lim = RateLimiter(RateLimitConfig(storage=f"redis://127.0.0.1:{free_port()}/0"))
+    v = lim.check("a", 1)
+    assert not v.allowed and v.which == "storage"
