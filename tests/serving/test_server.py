@@ -90,6 +90,27 @@ def test_models_health_ready_metrics(server):
         assert name in text, name
 
 
+def test_stop_and_echo(server):
+    base, _ = server
+    plain = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "def foo(", "max_tokens": 8,
+                                            "temperature": 0}).json()["choices"][0]["text"]
+    assert plain                                          # greedy text of the tiny model, then cut it
+    cut = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "def foo(", "max_tokens": 8,
+                                          "temperature": 0, "stop": plain[-1]}).json()["choices"][0]
+    assert plain[-1] not in cut["text"] and plain.startswith(cut["text"]) and cut["finish_reason"] == "stop"
+    echo = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "def foo(", "max_tokens": 8,
+                                           "temperature": 0, "echo": True}).json()["choices"][0]["text"]
+    assert echo == "def foo(" + plain
+
+
+def test_unknown_routes_and_methods_are_openai_errors(server):
+    base, _ = server
+    r = httpx.get(f"{base}/v1/nothing", headers=auth())
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{base}/v1/completions", headers=auth())
+    assert r.status_code == 405 and "error" in r.json()
+
+
 def test_request_by_version_or_alias(server):
     base, _ = server
     r = post(base, "/v1/completions", {"model": "llmcycle@challenger", "prompt": "a", "max_tokens": 2})
