@@ -137,6 +137,11 @@ class LlamaKVRunner:
         span = max(positions) + 1 (known to the caller without a device sync); same_length says every
         row sits at the same position, so no mask is needed (the batch-1 case: as HF's own decode step).
         """
+        return self.decode_graph(tokens, positions, span, same_length)
+
+    def decode_graph(self, tokens: Tensor, positions: Tensor, span: int, same_length: bool) -> Tensor:
+        """decode() without its inference_mode wrapper: what torch.compile takes (call it under no_grad;
+        dynamo cannot trace inference-mode tensors, measured here with torch 2.13)."""
         B = tokens.shape[0]
         x = self.decoder.embed_tokens(tokens)[:, None]                              # (B, 1, C)
         if same_length:  # one shared position: slices instead of gathers and scatters, no mask

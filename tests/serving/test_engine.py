@@ -209,3 +209,16 @@ def test_bad_params_are_rejected():
     for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_static_shape_path_used_for_cuda_graphs_gives_the_same_tokens(model, tok):
+    """The padded (max_batch, full-span) decode the CUDA-graph path uses, run eagerly here."""
+    eng = Engine(model, tok, max_batch=4)
+    eng.static_shapes = True
+    eng.start()
+    try:
+        hs = [eng.submit(ids(tok, p), SamplingParams(max_tokens=12)) for p in PROMPTS[:3]]
+        assert [h.result(timeout=30).text for h in hs] == generate(model, tok, PROMPTS[:3], max_new_tokens=12)
+    finally:
+        eng.stop()
+    assert eng.stats["step_errors"] == 0
