@@ -222,3 +222,22 @@ def test_static_shape_path_used_for_cuda_graphs_gives_the_same_tokens(model, tok
     finally:
         eng.stop()
     assert eng.stats["step_errors"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_int8_dynamic_quantized_model_runs_through_module_calls(model, tok):
+    """A torch.ao dynamic-int8 model (serving.quantize: int8) keeps its quantized linears: the engine calls
+    them (no fused weights) and still matches generate() on the same quantized model, one request at a
+    time: dynamic int8 picks one activation scale per input tensor, so its output depends on the batch."""
+    import copy
+
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    eng = Engine(q, tok, max_batch=4)
+    assert not isinstance(eng.runner.lm_head, type(lambda: 0))  # the quantized module itself, not a fused F.linear
+    eng.start()
+    try:
+        for p in PROMPTS[:3]:
+            got = eng.submit(ids(tok, p), SamplingParams(max_tokens=12)).result(timeout=30).text
+            assert got == generate(q, tok, [p], max_new_tokens=12)[0]
+    finally:
+        eng.stop()
