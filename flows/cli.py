@@ -156,7 +156,10 @@ def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
     from components.serving.app import create_app
 
-    api = create_app(settings, ring, model=model)
+    from components.serving.model_store import ModelStore
+
+    # The server records each version it puts live as an MLflow `deploy` run (stage=deploy).
+    api = create_app(settings, ring, store=ModelStore(settings, model, record_deploys=True))
     typer.echo(f"serving {model or 'models:/' + settings.registry.model_name + '@champion'} at "
                f"http://{host}:{port}/v1 (auth {'off' if no_auth else 'on'}; ready when /readyz answers 200)")
     uvicorn.run(api, host=host, port=port, log_level="info")

@@ -70,7 +70,7 @@ def default_engine_factory(model: Any, tokenizer: Any, settings: Settings, versi
 
 class ModelStore:
     def __init__(self, settings: Settings, model: str | None = None, metrics: Any = None,
-                 engine_factory: Callable[..., Any] | None = None):
+                 engine_factory: Callable[..., Any] | None = None, record_deploys: bool = False):
         self.settings = settings
         self.name = settings.registry.model_name
         self.primary_spec = model or f"models:/{self.name}@{CHAMPION}"
@@ -83,6 +83,8 @@ class ModelStore:
         self._swap_lock = threading.Lock()
         self._load_lock = threading.Lock()   # one load at a time (memory): reloads queue behind it
         self._extra_lock = threading.Lock()
+        self._deploy_lock = threading.Lock()
+        self.record_deploys = record_deploys
         self._failed_extras: dict[str, tuple[float, str]] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -162,12 +164,30 @@ class ModelStore:
     def swap(self, served: Served) -> None:
         with self._swap_lock:
             old, self.current = self.current, served
+        if self.record_deploys:
+            self._record_deploy(served, old)
         if self.metrics is not None:
             self.metrics.set_serving(served.ref.name, served.ref.version)
             if old is not None:
                 self.metrics.reloads.inc()
         if old is not None:
             self._retire(old)
+
+    def _record_deploy(self, served: Served, old: Served | None) -> None:
+        """An MLflow `deploy` run: which version went live, when, replacing which (in the background)."""
+        def record() -> None:
+            from components import tracking
+            try:
+                import mlflow
+                params = {"model_version": served.ref.version, "model_uri": served.ref.uri,
+                          "model_label": served.ref.label, "previous_version": old.ref.version if old else "none",
+                          "quantize": self.settings.serving.quantize}
+                with self._deploy_lock, tracking.stage_run(self.settings, "deploy", params=params,
+                                                           tags={"deployed_version": served.ref.version}):
+                    mlflow.log_metric("went_live_unix", served.loaded_at)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must never take the server down
+                log.error("could not record the deploy of %s in MLflow: %s", served.ref.label, exc)
+        threading.Thread(target=record, name="record-deploy", daemon=True).start()
 
     def _retire(self, served: Served, grace_s: float = 600.0) -> None:
         """Stop an engine once the requests that hold it are done (or after grace_s)."""

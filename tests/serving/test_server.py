@@ -292,6 +292,28 @@ def test_hot_swap_under_concurrent_load(registry):
     assert seen[-1] == "llmcycle-v2"
 
 
+def test_each_version_put_live_is_an_mlflow_deploy_run(registry):
+    import mlflow
+
+    from components.serving.model_store import ModelStore
+
+    app = make_app(registry, store=ModelStore(registry, record_deploys=True))
+    with running_server(app) as base:
+        assert post(base, "/admin/reload?wait=true", {"model": "llmcycle/2"}, key=ADMIN).status_code == 200
+        tracking.configure(registry)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'deploy'",
+                                      output_format="list")
+            if len(runs) >= 2:
+                break
+            time.sleep(0.2)
+    by_version = {r.data.params["model_version"]: r for r in runs}
+    assert set(by_version) == {"1", "2"}
+    assert by_version["2"].data.params["previous_version"] == "1"
+    assert by_version["2"].data.metrics["went_live_unix"] > 0
+
+
 def test_poller_follows_the_champion_alias(registry):
     from components import config as cfg
 
