@@ -111,6 +111,8 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
             obj = json.loads(bytes(raw) or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"body is not valid JSON: {exc}", None, "invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "body is nested too deeply", None, "invalid_json") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "body must be a JSON object", None, "invalid_json")
         try:

@@ -133,6 +133,10 @@ def test_401_without_or_with_wrong_key(server):
 @pytest.mark.parametrize("body,param,status", [
     ('{"model": "llmcycle", "prompt": ', None, 400),                          # bad JSON
     ('[1, 2]', None, 400),
+    ('[' * 100_000 + ']' * 100_000, None, 400),                               # nested too deeply
+    ('{"model": "llmcycle", "prompt": "a", "temperature": NaN}', "temperature", 400),
+    ('{"model": "llmcycle", "prompt": "a", "max_tokens": 1' + '0' * 5000 + '}', None, 400),
+    (b'{"model": "llmcycle", "prompt": "\xff\xfe"}', None, 400),             # not UTF-8
     ({"model": "llmcycle", "prompt": 123}, "prompt", 400),                     # wrong types
     ({"model": "llmcycle", "prompt": "a", "max_tokens": "many"}, "max_tokens", 400),
     ({"model": "llmcycle", "prompt": "a", "temperature": "hot"}, "temperature", 400),
@@ -148,7 +152,7 @@ def test_401_without_or_with_wrong_key(server):
 ])
 def test_malformed_completions_are_4xx_naming_the_field(server, body, param, status):
     base, _ = server
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     r = httpx.post(f"{base}/v1/completions", content=content, timeout=60,
                    headers={**auth(), "content-type": "application/json"})
     assert r.status_code == status, r.text
