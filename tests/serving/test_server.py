@@ -25,7 +25,12 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(registry):
-    app = make_app(registry)
+    from components import config as cfg
+
+    # Generous limits: this server is shared by many tests (test_429_with_retry_after has its own).
+    settings = cfg.load(registry.root / "params.yaml", ["serving.rate_limit.requests_per_minute=100000",
+                                                        "serving.rate_limit.tokens_per_minute=100000000"])
+    app = make_app(settings)
     with running_server(app) as base:
         yield base, app
 
@@ -357,3 +362,26 @@ def test_feedback_is_stored(server, registry):
     assert post(base, "/v1/feedback", {"prompt": "p", "chosen": "a", "rejected": "b"}).status_code == 200
     r = post(base, "/v1/feedback", {"rating": "sideways"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "rating"
+
+
+WEIRD = [None, 0, -1, 1.5, 10 ** 12, "x", "", [], {}, [1], [""], True, {"a": 1}]
+
+
+@pytest.mark.parametrize("route,base_body", [
+    ("/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 1}),
+    ("/v1/chat/completions", {"model": "llmcycle", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1}),
+])
+def test_no_field_value_gives_a_500(server, route, base_body):
+    base, _ = server
+    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+              "stop", "seed", "stream", "stream_options", "echo", "user"]
+    with httpx.Client(timeout=60, headers=auth()) as c:
+        for f in fields:
+            for v in WEIRD:
+                body = {**base_body, f: v}
+                if f == "stream" and v is True:
+                    continue                       # a valid stream: covered elsewhere
+                r = c.post(f"{base}{route}", json=body)
+                assert r.status_code < 500, (f, v, r.status_code, r.text)
+                if r.status_code >= 400:
+                    assert r.json()["error"]["message"], (f, v)
