@@ -10,6 +10,7 @@ weights); on 2 shared cores rounds are interleaved and medians reported, ratios 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sysconfig
 import time
@@ -53,6 +54,7 @@ class Bench:
     prompts: list[str]
     new_tokens: int
     concurrency: int
+    batch1_requests: int = 4
     engine: Engine | None = None
 
     def ids(self, prompt: str) -> list[int]:
@@ -111,9 +113,20 @@ def engine_concurrent(b: Bench, n: int) -> Row:
                [h.finished_at - h.submitted_at for h in handles], [h.first_token_at - h.submitted_at for h in handles])
 
 
+def engine_sequential(b: Bench, n: int) -> Row:
+    """The engine at batch 1: n requests, each submitted after the previous one finished."""
+    lat, ttft, tokens, t0 = [], [], 0, time.perf_counter()
+    for p in b.prompts[:n]:
+        h = b.engine.submit(b.ids(p), SamplingParams(max_tokens=b.new_tokens))
+        tokens += len(h.result(timeout=600).token_ids)
+        lat.append(h.finished_at - h.submitted_at)
+        ttft.append(h.first_token_at - h.submitted_at)
+    return Row(f"engine, batch 1, {n} sequential", tokens, time.perf_counter() - t0, lat, ttft)
+
+
 def scenario_batch1(b: Bench) -> tuple[Row, Row]:
-    """(a) one request alone: HF generate vs the engine, on the same prompt."""
-    return hf_sequential(b, 1), engine_concurrent(b, 1)
+    """(a) requests one at a time (batch 1): HF generate vs the engine, on the same prompts."""
+    return hf_sequential(b, b.batch1_requests), engine_sequential(b, b.batch1_requests)
 
 
 def scenario_concurrent(b: Bench) -> tuple[Row, Row]:
@@ -141,7 +154,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (HF then engine in each); medians reported")
     ap.add_argument("--int8", action="store_true", help="torch.ao dynamic int8 linear layers (CPU)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = ap.parse_args()
@@ -157,8 +170,11 @@ def main() -> None:
     check_same_tokens(b)
     try:
         for name in args.scenarios.split(","):
+            load0, t0 = os.getloadavg()[0], time.time()
             rounds = [SCENARIOS[name](b) for _ in range(args.rounds)]
             report(name, rounds, args)
+            print(f"  load average (1 min) {load0:.2f} -> {os.getloadavg()[0]:.2f} over {time.time() - t0:.0f} s "
+                  f"(2 cores: above ~1 another process competed)")
     finally:
         b.engine.stop()
 
@@ -191,7 +207,7 @@ def _remember_single(rounds_fn):
     def wrapped(b: Bench):
         out = rounds_fn(b)
         lat = getattr(report, "singles", [])
-        lat.append(out[1].latencies[0])
+        lat.extend(out[1].latencies)
         report.singles = lat
         report.single_latency = statistics.median(lat)
         return out
