@@ -45,7 +45,8 @@ class KeyRing:
             keys += read_keys_file(path)
         admin = os.environ.get(ADMIN_ENV) or None
         if not no_auth and not keys:
-            raise ConfigError(f"no API keys: set {KEYS_ENV}=key1,key2 or serving.keys_file "
+            raise ConfigError(f"no API keys: set {KEYS_ENV}=key1,key2 or serving.keys_file, or run "
+                              "`llmcycle serve --generate-key` to make one for this machine "
                               "(or pass --no-auth to serve without authentication, e.g. on loopback)")
         return cls(keys=keys, admin_key=admin, enabled=not no_auth)
 
