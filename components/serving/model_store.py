@@ -229,6 +229,7 @@ class ModelStore:
         self.failed_version = None
         self.primary_spec = spec   # an admin reload to another spec makes it the one the poller follows
         self.swap(served)
+        self.start_polling()       # no-op unless the spec names an alias and polling is on
         return True
 
     def reload_async(self, spec: str | None = None) -> threading.Thread:
