@@ -206,6 +206,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.ends = stop_token_ids(tokenizer)
         self.block = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.vocab = model.get_input_embeddings().num_embeddings
         self.runner = LlamaKVRunner(model, max_batch, self.block)
         # The Rust tokenizer's own decode gives the same text as the transformers wrapper when no
         # clean-up of spaces is configured, at ~60 % of its cost (it runs once per token).
@@ -267,13 +268,21 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
         """Queue a request; QueueFull when max_queue requests already wait. Prompts longer than the context
-        keep their last tokens (as generate() does); an empty prompt starts a fresh document."""
+        keep their last tokens (as generate() does); an empty prompt starts a fresh document. A token id
+        outside the vocabulary is a ValueError here (in the batch it would fail every running sequence)."""
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab})")
         max_new = max(1, min(params.max_tokens, self.block - 1))
         ids = list(prompt_ids)[-(self.block - max_new):] or [self.ends[0]]
         handle = GenerationHandle(self, ids, params)
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is stopped")
+            if len(self._waiting) >= self.max_queue:  # cancelled requests give their place back first
+                for h in [h for h in self._waiting if h.cancelled]:
+                    self._waiting.remove(h)
+                    h._emit(TokenEvent(None, "", None, "cancelled"))
+                    self._stats["cancelled"] += 1
             if len(self._waiting) >= self.max_queue:
                 self._stats["rejected"] += 1
                 raise QueueFull(f"queue full ({self.max_queue} waiting)", retry_after=1)
@@ -284,8 +293,8 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        return {"queue_depth": len(self._waiting), "running": sum(not s.handle.done for s in self._active), "max_batch": self.max_batch,
-                "peak_running": self._peak_running, "tokens_generated": self._stats["tokens"],
+        return {"queue_depth": len(self._waiting), "running": sum(not s.handle.done for s in self._active),
+                "max_batch": self.max_batch, "peak_running": self._peak_running, "tokens_generated": self._stats["tokens"],
                 "decode_steps": self._stats["steps"], "prefills": self._stats["prefills"],
                 "requests_submitted": self._stats["submitted"], "requests_finished": self._stats["finished"],
                 "requests_cancelled": self._stats["cancelled"], "requests_rejected": self._stats["rejected"],

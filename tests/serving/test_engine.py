@@ -133,6 +133,12 @@ def test_queue_full_raises(model, tok):
     with pytest.raises(QueueFull) as exc:
         eng.submit([5, 6], SamplingParams(max_tokens=2))
     assert exc.value.retry_after >= 1 and eng.stats["requests_rejected"] == 1
+    waiting = eng._waiting[0]
+    waiting.cancel()  # a cancelled waiting request gives its place back
+    eng.submit([5, 6], SamplingParams(max_tokens=2))
+    assert waiting.finish_reason == "cancelled" and eng.stats["queue_depth"] == 2
+    with pytest.raises(ValueError):
+        eng.submit([5, 10_000], SamplingParams(max_tokens=2))  # outside the vocabulary
     eng.stop()
 
 
