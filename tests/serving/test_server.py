@@ -312,8 +312,9 @@ def test_each_version_put_live_is_an_mlflow_deploy_run(registry):
         tracking.configure(registry)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'deploy'",
-                                      output_format="list")
+            # FINISHED only: a run just created has its tags but not yet its params.
+            runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string="tags.stage = 'deploy' and attributes.status = 'FINISHED'")
             if len(runs) >= 2:
                 break
             time.sleep(0.2)
