@@ -239,6 +239,11 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                     opened = set()
                     async for i, ev in merge(handles):
                         consume(i, ev)
+                        if ev.finish_reason == "error":   # OpenAI's way: an error object inside the stream
+                            err = S.error_body(f"generation of choice {i} failed in the engine", "server_error",
+                                               None, "engine_error")
+                            yield f"data: {json.dumps(err)}\n\n".encode()
+                            continue
                         finish = openai_finish(ev.finish_reason)
                         if ev.text or finish or (chat and i not in opened):
                             c = S.chunk(rid, label, fp, i, ev.text, finish, chat, first=i not in opened)

@@ -217,6 +217,25 @@ def test_client_disconnect_cancels_its_sequences(server):
     assert engine.stats["requests_cancelled"] > before
 
 
+def test_engine_failure_is_a_500_or_a_stream_error_never_an_empty_200(server, monkeypatch):
+    base, app = server
+    engine = app.state.store.current.engine
+    if not hasattr(engine, "_decode"):
+        pytest.skip("the engine no longer has the _decode step this test breaks on purpose")
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated device failure")
+    monkeypatch.setattr(engine, "_decode", boom)
+    r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 8})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    with httpx.stream("POST", f"{base}/v1/completions", headers=auth(), timeout=60,
+                      json={"model": "llmcycle", "prompt": "a", "max_tokens": 8, "stream": True}) as s:
+        lines = [ln for ln in s.iter_lines() if ln]
+    assert any('"engine_error"' in ln for ln in lines) and lines[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 def test_full_queue_is_503_with_retry_after(registry):
     from components import config as cfg
 
