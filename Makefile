@@ -36,7 +36,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 serve: setup
-	$(BIN)/llmcycle serve
+	$(BIN)/llmcycle serve --generate-key
 
 ui: setup
 	$(BIN)/llmcycle ui --host 127.0.0.1 --port 5000
