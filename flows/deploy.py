@@ -31,6 +31,13 @@ def gate_task(config: str, overrides: list[str], version: str) -> dict:
                                        "reused", "scored")}
 
 
+@task(name="notify-server")
+def notify_task(config: str, overrides: list[str]) -> str:
+    from components.serving.notify import reload_server
+
+    return reload_server(cfg.load(config, overrides))
+
+
 @flow(name="deploy", log_prints=True)
 def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None, model_uri: str | None = None,
                 eval_metrics: dict[str, float] | None = None, eval_run_id: str | None = None,
@@ -38,7 +45,8 @@ def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None,
     """Register + gate + aliases. Without eval_metrics, the newest evaluate run (of label, or of model_uri
     when given) supplies model URI, metrics and run id.
 
-    Returns {decision, reason, version, champion, previous, challenger, reused, deploy_run_id}.
+    Returns {decision, reason, version, champion, previous, challenger, reused, deploy_run_id}, plus server
+    (what the running server was told) after a promotion.
     """
     from components.errors import ConfigError
     from components.evaluation import promotion
@@ -58,6 +66,12 @@ def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None,
                             ) as run:
         version = register_task(config, overrides, model_uri, eval_metrics, eval_run_id)
         result = gate_task(config, overrides, version)
+        if result["decision"] == "promote" and not result.get("reused"):
+            # The running server swaps now instead of at its next alias poll.
+            result["server"] = notify_task(config, overrides)
+            import mlflow
+            mlflow.set_tag("server_reload", result["server"][:250])
+            print(result["server"])
     print(f"gate: {result['decision']} {settings.registry.model_name} v{result['version']}"
           f"{' (recorded decision reused)' if result.get('reused') else ''}: {result['reason']}")
     return {**result, "deploy_run_id": run.info.run_id}
