@@ -110,18 +110,16 @@ def model_perplexity(model: Any, windows: np.ndarray, device: torch.device) -> f
     return math.exp(float(total) / count)
 
 
-def baseline_perplexities(train: np.ndarray, windows: np.ndarray, vocab_size: int) -> dict[str, float]:
-    """KN trigram (fit on train) and add-one unigram on exactly the tokens the model is scored on.
+def baseline_perplexities(models: dict[str, Any], windows: np.ndarray) -> dict[str, float]:
+    """KN trigram and add-one unigram (scorecard.fit_count_models) on exactly the tokens the model is scored on.
 
-    Per-window perplexities are pooled by token count, so the numbers compare 1:1 with the model's.
+    Every window scores tokens 1..T, as for the model, so the numbers compare 1:1 with the model's.
     """
-    from components.evaluation.ngram import KneserNeyTrigram, unigram_perplexity
-
-    kn = KneserNeyTrigram(vocab_size).fit(train)
-    n = windows.shape[1] - 1  # tokens scored per window: 1..T, as for the model
-    kn_nll = sum(math.log(kn.perplexity(w)) * n for w in windows) / (n * len(windows))
-    uni_nll = sum(math.log(unigram_perplexity(train, w[1:], vocab_size)) * n for w in windows) / (n * len(windows))
-    return {"baseline_kn3_perplexity": math.exp(kn_nll), "baseline_unigram_perplexity": math.exp(uni_nll)}
+    out = {}
+    for name, lm in models.items():
+        nll = np.concatenate([-lm.token_logprobs(w) for w in windows])
+        out[f"baseline_{name}_perplexity"] = math.exp(float(nll.mean()))
+    return out
 
 
 # ----------------------------------------------------------------------------- generation
@@ -228,7 +226,6 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
         raise ConfigError(f"evaluate: label {label!r} must be letters, digits, '_', '-' or '.' (it names a file)")
     uri = model_uri or default_model_uri(settings)
     test, meta = load_tokens(settings, "test")
-    train, _ = load_tokens(settings, "train")
     sft_path = layout.sft_dir(settings) / "test.jsonl"
     if not sft_path.is_file():
         raise ConfigError(f"evaluate: no {sft_path}; run `llmcycle data datasets` first")
@@ -243,7 +240,8 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
     with tracking.stage_run(settings, "evaluate", params={"evaluate": cfg.model_dump(mode="json"), "label": label},
                             tags={"model_uri": uri, "eval_label": label, **_version_tag(settings, uri)}) as active:
         # The gate's numbers first: bits per byte (per document, baselines alongside) and syntax validity.
-        card, ex = scorecard.score(settings, model, tokenizer, device, baselines=True)
+        count_models = scorecard.fit_count_models(settings)  # one fit, for bits per byte and perplexity alike
+        card, ex = scorecard.score(settings, model, tokenizer, device, baselines=count_models)
         metrics.update(card.metrics)
         mlflow.log_dict(scorecard.card_to_json(card), scorecard.ARTIFACT)
         mlflow.set_tag("eval_params_hash", scorecard.eval_params_hash(settings))
@@ -253,7 +251,7 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
         windows = eval_windows(test, int(model.config.max_position_embeddings), cfg.test_batches)
         if other_tokenizer is None:
             metrics["test_perplexity"] = model_perplexity(model, windows, device)
-            metrics.update(baseline_perplexities(train, windows, int(meta["vocab_size"])))
+            metrics.update(baseline_perplexities(count_models, windows))
         else:
             skipped.append(f"test_perplexity, int8, mean_reward, dpo_reward_accuracy: {other_tokenizer}")
 

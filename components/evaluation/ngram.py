@@ -149,9 +149,7 @@ def unigram_perplexity(train_ids: np.ndarray, test_ids: np.ndarray, vocab_size: 
     for label, arr in (("train_ids", train), ("test_ids", test)):
         if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
             raise ValueError(f"{label}: token ids must lie in [0, {vocab_size})")
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
-    logp = np.log((counts + 1.0) / (train.size + vocab_size))
-    return float(math.exp(-logp[test].mean()))
+    return float(math.exp(-AddOneUnigram(train, vocab_size).logp[test].mean()))
 
 
 class AddOneUnigram:

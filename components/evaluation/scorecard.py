@@ -62,8 +62,22 @@ def completions_of(model: Any, tokenizer: Any, prompts: list[str], max_new: int)
     return out
 
 
-def score(settings: Settings, model: Any, tokenizer: Any, device: Any, baselines: bool = False) -> tuple[Scorecard, dict]:
-    """(scorecard, extras) of a loaded model on the current data; extras: rows, prompts, completions, checks."""
+def fit_count_models(settings: Settings) -> dict[str, Any]:
+    """The KN trigram and add-one unigram fit on the train split's token arrays (one fit per evaluation)."""
+    from components.evaluation.evaluate import load_tokens
+    from components.evaluation.ngram import AddOneUnigram, KneserNeyTrigram
+
+    train, meta = load_tokens(settings, "train")
+    vocab = int(meta["vocab_size"])
+    return {"kn3": KneserNeyTrigram(vocab).fit(train), "unigram": AddOneUnigram(train, vocab)}
+
+
+def score(settings: Settings, model: Any, tokenizer: Any, device: Any,
+          baselines: bool | dict[str, Any] = False) -> tuple[Scorecard, dict]:
+    """(scorecard, extras) of a loaded model on the current data; extras: rows, prompts, completions, checks.
+
+    baselines: True fits the count models here, a dict from fit_count_models reuses them, False skips them.
+    """
     from components.data.tokenizer import format_prompt
     from components.evaluation.scorers import score_completions
 
@@ -76,7 +90,7 @@ def score(settings: Settings, model: Any, tokenizer: Any, device: Any, baselines
         card.docs[split] = doc_scores(its, model_bits(model, its, block, device))
         card.metrics[f"{split}_bits_per_byte"] = card.docs[split].bits_per_byte
     if baselines:
-        _baselines(settings, rows, docs, card)
+        _baselines(settings, rows, docs, card, baselines if isinstance(baselines, dict) else fit_count_models(settings))
 
     prompt_rows = rows[:settings.evaluate.n_prompts]
     prompts = [format_prompt(tokenizer, r["prompt"]) for r in prompt_rows]
@@ -90,7 +104,7 @@ def score(settings: Settings, model: Any, tokenizer: Any, device: Any, baselines
                   "generation_wall_s": gen_wall}
 
 
-def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Scorecard) -> None:
+def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Scorecard, models: dict[str, Any]) -> None:
     """KN trigram and unigram bits per byte on the same texts, tokenized by the data tokenizer.
 
     The count models were fit on raw text, where <|end|> never occurs: a response's end marker is
@@ -98,14 +112,10 @@ def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Sco
     for a token they could not know, and the bar a model must clear would be lower than it looks.
     """
     from components.data.tokenizer import load_tokenizer
-    from components.evaluation.evaluate import load_tokens
-    from components.evaluation.ngram import AddOneUnigram, KneserNeyTrigram
 
-    train, meta = load_tokens(settings, "train")
-    vocab = int(meta["vocab_size"])
     data_tok = load_tokenizer(settings)
     items = {"sft": sft_items(data_tok, rows, end_as_eot=True), "test": test_items(data_tok, docs)}
-    for name, lm in (("kn3", KneserNeyTrigram(vocab).fit(train)), ("unigram", AddOneUnigram(train, vocab))):
+    for name, lm in models.items():
         for split, its in items.items():
             card.docs[f"{split}.{name}"] = doc_scores(its, ngram_bits(lm.token_logprobs, its))
             card.metrics[f"baseline_{name}_{split}_bits_per_byte"] = card.docs[f"{split}.{name}"].bits_per_byte

@@ -12,7 +12,7 @@ import torch
 from components.model.build import build_model, stop_token_ids
 from components.model.generation import generate
 from components.serving.engine import Engine, QueueFull, SamplingParams
-from tests.unit.training.helpers import tiny_tokenizer
+from tests.unit.training.helpers import tiny_tokenizer, varied_tiny_model
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 256, "intermediate_size": 96, "vocab_size": 400}
 PROMPTS = ["def compute_items(data):\n", "import os\n\nCONST", "class Foo:\n    def bar(self", "x = 1",
@@ -26,13 +26,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    m = build_model(SHAPE, tok)
-    with torch.no_grad():  # larger block weights: varied, well-separated greedy paths (see test_generation)
-        for p in m.model.layers.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return m.eval()
+    return varied_tiny_model(SHAPE, tok)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from components.model.build import build_model
 from components.model.generation import generate, sequence_logprobs
-from tests.unit.training.helpers import tiny_tokenizer
+from tests.unit.training.helpers import tiny_tokenizer, varied_tiny_model
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "intermediate_size": 96, "vocab_size": 400}
 PROMPTS = ["def compute_items(data):\n", "import os\n\nCONST"]
@@ -20,15 +20,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    m = build_model(SHAPE, tok)
-    # At init the residual stream is mostly the input embedding, so a tied model just repeats its last
-    # token; larger block weights give varied, well-separated greedy paths to test against.
-    with torch.no_grad():
-        for p in m.model.layers.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return m.eval()
+    return varied_tiny_model(SHAPE, tok)
 
 
 def manual_greedy(model, tok, prompt, n):

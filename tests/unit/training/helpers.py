@@ -59,3 +59,22 @@ def write_tiny_data(settings: Settings, vocab_size: int = 400, val_docs: int = 6
     corpus.write_text("".join(json.dumps({"id": f"{split}{i}", "split": split, "text": doc}) + "\n"
                               for split, docs in splits.items() for i, doc in enumerate(docs)))
     return tok
+
+
+def varied_tiny_model(shape: dict, tokenizer, seed: int = 0):
+    """A tiny Llama whose greedy paths are varied and well separated (for exact-output comparisons).
+
+    At init the residual stream is mostly the input embedding, so a tied model just repeats its last
+    token; scaling the block matrices by 8 gives distinct continuations to test decoders against.
+    """
+    import torch
+
+    from components.model.build import build_model
+
+    torch.manual_seed(seed)
+    m = build_model(shape, tokenizer)
+    with torch.no_grad():
+        for p in m.model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return m.eval()
