@@ -248,6 +248,11 @@ class ServingConfig(Section):
     keys_file: str | None = Field(None, description="file with one API key a line (beside LLMCYCLE_API_KEYS)")
     log_dir: str = Field("data/inference", description="request log folder (JSONL, rotated daily and by size)")
     log_max_bytes: int = Field(64_000_000, ge=1024, description="rotate a request log file past this size")
+    start_on_promote: bool = Field(False, description="after a promotion with no server answering, the deploy "
+                                   "flow starts `llmcycle serve --generate-key` in the background "
+                                   "(data/serving/server.log, server.pid); `make run` turns it on")
+    start_timeout_s: float = Field(300.0, gt=0, description="how long the deploy flow waits for a server it "
+                                   "started to answer /readyz")
 
 
 class MonitoringConfig(Section):
@@ -258,6 +263,46 @@ class MonitoringConfig(Section):
 
 class RetrainConfig(Section):
     min_new_documents: int = Field(20, ge=1)
+
+
+_CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+
+
+def _check_cron(value: str | None) -> str | None:
+    """Five space-separated fields (minute hour day month weekday) or an @alias; Prefect parses the rest."""
+    if value is None or value.strip() in _CRON_ALIASES or len(value.split()) == 5:
+        return value
+    raise ValueError(f"expected a 5-field cron expression like '*/30 * * * *' (or @hourly, @daily), got {value!r}")
+
+
+class ScheduleConfig(Section):
+    """`llmcycle schedule`: the Prefect deployments served from one process (flows/deployments.py)."""
+    monitor_cron: str | None = Field("*/30 * * * *", description="cron of the `monitor` deployment (drift check of "
+                                                                "the newest request window); null: on demand only")
+    lifecycle_cron: str | None = Field(None, description="cron of the `lifecycle` deployment; null: on demand only")
+    timezone: str = Field("UTC", description="time zone the cron expressions are read in (IANA name)")
+    retrain_on_drift: bool = Field(True, description="the `retrain` deployment runs on each "
+                                                     "llmcycle.drift.detected event (one at a time)")
+    server_timeout_s: float = Field(120.0, gt=0, description="how long to wait for a local `prefect server start` "
+                                                             "to answer (about 20 s on 2 cores)")
+
+    @field_validator("monitor_cron", "lifecycle_cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        return _check_cron(v)
+
+
+class LoopConfig(Section):
+    """The closed loop after the lifecycle (flows/loop.py): serve, traffic, monitor, drift-triggered retrain."""
+    enabled: bool = Field(False, description="`llmcycle run` closes the loop after the lifecycle (`make run` and "
+                                             "`llmcycle run --loop` turn it on)")
+    baseline_requests: int | None = Field(None, ge=1, description="same-domain requests sent first (stdlib "
+                                                                  "profile); null: monitoring.window")
+    drift_requests: int | None = Field(None, ge=1, description="drifted requests sent next (tests profile); "
+                                                               "null: monitoring.window")
+    feedback: bool = Field(True, description="the traffic also sends ratings and corrections (retraining data)")
+    retrain_timeout_s: float = Field(1800.0, gt=0, description="how long to wait for the event-triggered retrain run")
+    swap_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the server to serve the new champion")
 
 
 class Settings(Section):
@@ -276,6 +321,8 @@ class Settings(Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     # Not part of params.yaml: where the file was read from (the project root for relative paths).
     _root: Path = Path(".")

@@ -135,9 +135,16 @@ def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
           port: Optional[int] = typer.Option(None, "--port", help="port (default serving.port)"),
           model: Optional[str] = typer.Option(None, "--model", help="models:/name@alias, models:/name/3, a version number, runs:/... or a save_pretrained folder (default: models:/<registry.model_name>@champion, followed as the alias moves)"),
           no_auth: bool = typer.Option(False, "--no-auth", help="serve without API keys (refused otherwise when none are configured)"),
-          generate_key: bool = typer.Option(False, "--generate-key", help="with no keys configured, make (once) and print a key for this machine in data/serving/")) -> None:
+          generate_key: bool = typer.Option(False, "--generate-key", help="with no keys configured, make (once) and print a key for this machine in data/serving/"),
+          stop: bool = typer.Option(False, "--stop", help="stop the background server the deploy stage started (data/serving/server.pid)")) -> None:
     """Serve the model behind an OpenAI-compatible API (uvicorn): /v1/completions, /v1/chat/completions, /v1/models."""
     settings = load_settings(config, set_)
+    if stop:
+        from components.serving.launcher import pid_path, stop_server
+
+        pid = stop_server(settings)
+        typer.echo(f"stopped the server (pid {pid})" if pid else f"no background server running ({pid_path(settings)})")
+        return
     from components.serving.auth import ADMIN_ENV, KEYS_ENV, KeyRing, machine_keys
 
     keys_file = str(settings.path(settings.serving.keys_file)) if settings.serving.keys_file else None

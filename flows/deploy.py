@@ -32,10 +32,11 @@ def gate_task(config: str, overrides: list[str], version: str) -> dict:
 
 
 @task(name="notify-server")
-def notify_task(config: str, overrides: list[str]) -> str:
-    from components.serving.notify import reload_server
+def notify_task(config: str, overrides: list[str]) -> dict:
+    """Reload the running server, or start one (serving.start_on_promote); see serving.notify.after_promotion."""
+    from components.serving.notify import after_promotion
 
-    return reload_server(cfg.load(config, overrides))
+    return after_promotion(cfg.load(config, overrides), config, overrides)
 
 
 @flow(name="deploy", log_prints=True)
@@ -45,8 +46,8 @@ def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None,
     """Register + gate + aliases. Without eval_metrics, the newest evaluate run (of label, or of model_uri
     when given) supplies model URI, metrics and run id.
 
-    Returns {decision, reason, version, champion, previous, challenger, reused, deploy_run_id}, plus server
-    (what the running server was told) after a promotion.
+    Returns {decision, reason, version, champion, previous, challenger, reused, deploy_run_id}, plus, after a
+    promotion, server (one line), server_action (reloaded|refused|started|start_failed|none) and server_url.
     """
     from components.errors import ConfigError
     from components.evaluation import promotion
@@ -67,11 +68,14 @@ def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None,
         version = register_task(config, overrides, model_uri, eval_metrics, eval_run_id)
         result = gate_task(config, overrides, version)
         if result["decision"] == "promote" and not result.get("reused"):
-            # The running server swaps now instead of at its next alias poll.
-            result["server"] = notify_task(config, overrides)
+            # The running server swaps now instead of at its next alias poll (or one starts, if asked).
+            server = notify_task(config, overrides)
+            result["server"], result["server_action"], result["server_url"] = \
+                server["message"], server["action"], server["url"]
             import mlflow
-            mlflow.set_tag("server_reload", result["server"][:250])
-            print(result["server"])
+            mlflow.set_tags({"server_reload": server["message"][:250], "server_action": server["action"],
+                             "server_url": server["url"]})
+            print(server["message"])
     print(f"gate: {result['decision']} {settings.registry.model_name} v{result['version']}"
           f"{' (recorded decision reused)' if result.get('reused') else ''}: {result['reason']}")
     return {**result, "deploy_run_id": run.info.run_id}
