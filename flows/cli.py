@@ -329,5 +329,11 @@ def _train(stage: str, config: str, overrides: Optional[List[str]], resume: bool
                 [("model", result.get("model_uri", "")), ("run", result.get("run_id", ""))] + list(metrics.items()))
 
 
+# Commands kept in their own modules (registered here so `llmcycle --help` lists them).
+from flows.cli_schedule import register as _register_schedule  # noqa: E402
+
+_register_schedule(app)
+
+
 if __name__ == "__main__":
     app()
