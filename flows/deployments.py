@@ -58,9 +58,10 @@ def _cron(expression: str | None, timezone: str, key: str) -> list:
 
 def build(config: str = "params.yaml", overrides: list[str] | None = None, *,
           monitor: Callable | None = None, retrain: Callable | None = None,
-          lifecycle: Callable | None = None) -> list:
+          lifecycle: Callable | None = None, crons: bool = True) -> list:
     """The RunnerDeployments for prefect.serve: monitor (cron), retrain (drift event), lifecycle (on demand
-    and optional cron). The flows default to the project's; tests pass tiny flows with the same parameters."""
+    and optional cron); crons=False leaves the schedules out. The flows default to the project's; tests pass
+    tiny flows with the same parameters."""
     overrides = list(overrides or [])
     settings = cfg.load(config, overrides)
     sched = settings.schedule
@@ -76,7 +77,7 @@ def build(config: str = "params.yaml", overrides: list[str] | None = None, *,
     return [
         monitor.to_deployment(
             name="monitor", parameters=params, tags=tags,
-            schedules=_cron(sched.monitor_cron, sched.timezone, "monitor_cron"),
+            schedules=_cron(sched.monitor_cron if crons else None, sched.timezone, "monitor_cron"),
             description="Evidently drift check of the newest request window; emits llmcycle.drift.detected",
         ),
         retrain.to_deployment(
@@ -87,7 +88,7 @@ def build(config: str = "params.yaml", overrides: list[str] | None = None, *,
         ),
         lifecycle.to_deployment(
             name="lifecycle", parameters=params, tags=tags,
-            schedules=_cron(sched.lifecycle_cron, sched.timezone, "lifecycle_cron"),
+            schedules=_cron(sched.lifecycle_cron if crons else None, sched.timezone, "lifecycle_cron"),
             description="The whole lifecycle: scope, data, train, evaluate, gate",
         ),
     ]
@@ -98,3 +99,11 @@ def serve(deployments: list, limit: int | None = None) -> None:
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments, limit=limit, print_starting_message=False)
+
+
+def api_settings(api_url: str):
+    """Prefect settings pointing this process at api_url (a context manager). Setting PREFECT_API_URL in the
+    environment is not enough once prefect is imported: its settings context was built at import."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: api_url})
