@@ -330,6 +330,9 @@ def _train(stage: str, config: str, overrides: Optional[List[str]], resume: bool
 
 
 # Commands kept in their own modules (registered here so `llmcycle --help` lists them).
+from flows.cli_traffic import register as _register_traffic  # noqa: E402
+
+_register_traffic(app)
 from flows.cli_schedule import register as _register_schedule  # noqa: E402
 
 _register_schedule(app)
