@@ -262,7 +262,18 @@ class MonitoringConfig(Section):
 
 
 class RetrainConfig(Section):
-    min_new_documents: int = Field(20, ge=1)
+    """`llmcycle retrain` / the retrain flow: feedback + the drifted window -> a challenger from the champion."""
+    min_new_documents: int = Field(20, ge=1, description="fewest new usable pairs (SFT + preference, not already in "
+                                                         "the data) a retrain needs; fewer ends it as not_enough_data")
+    feedback_dir: str = Field("data/feedback", description="folder of the server's feedback-*.jsonl files")
+    holdout_share: float = Field(0.2, ge=0, lt=1, description="share of the new SFT prompts held out of training "
+                                                             "(beside those the data split puts in test) to compare "
+                                                             "old and new champion on the drifted domain")
+    sft_max_steps: int = Field(100, ge=1, description="SFT steps of the challenger, started from the champion")
+    align_max_steps: int = Field(30, ge=1, description="steps of the alignment stage(s) after SFT (dpo, or reward "
+                                                       "and ppo per finetune.method)")
+    lr_scale: float = Field(0.5, gt=0, le=1, description="the stages' learning rates times this (continued "
+                                                         "training from a trained model takes smaller steps)")
 
 
 _CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}

@@ -197,10 +197,19 @@ def stage_run(settings: Settings, stage: str, params: dict[str, Any] | None = No
 @contextlib.contextmanager
 def lifecycle_run(settings: Settings) -> Iterator[Any]:
     """The parent `lifecycle` run; exported to child processes through LLMCYCLE_PARENT_RUN_ID."""
+    with parent_run(settings, "lifecycle") as run:
+        yield run
+
+
+@contextlib.contextmanager
+def parent_run(settings: Settings, stage: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """A run the stage runs started inside it nest under (lifecycle, retrain), in-process and across
+    processes (LLMCYCLE_PARENT_RUN_ID). Nested itself when a run is already active."""
     configure(settings)
     import mlflow
 
-    with mlflow.start_run(run_name="lifecycle", tags=lineage_tags(settings, "lifecycle")) as run:
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None,
+                          tags={**lineage_tags(settings, stage), **(tags or {})}) as run:
         mlflow.log_params(_flatten(settings.model_dump(mode="json")))
         previous = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id
@@ -222,6 +231,42 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = str(v)[:500]
     return out
+
+
+def newest_run(settings: Settings, stage: str, where: str = "") -> Any | None:
+    """The newest FINISHED run of a stage (tag stage=<stage>), with an extra MLflow filter ("metrics.x = 1")."""
+    import mlflow
+    configure(settings)
+    query = f"tags.stage = '{stage}' and attributes.status = 'FINISHED'" + (f" and {where}" if where else "")
+    try:
+        runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=query, order_by=["start_time DESC"],
+                                  max_results=1, output_format="list")
+    except Exception as exc:  # noqa: BLE001
+        raise store_error(f"searching {stage} runs", exc) from None
+    return runs[0] if runs else None
+
+
+def get_run(settings: Settings, run_id: str) -> Any | None:
+    """The run with this id, None when the store has no such run (TrackingError when it cannot be read)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    configure(settings)
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise store_error(f"reading run {run_id}", exc) from None
+
+
+def download_window(settings: Settings, monitor_run_id: str) -> Path:
+    """The request window a monitor run judged: its artifact window/requests.jsonl, downloaded; a local path."""
+    import mlflow
+    configure(settings)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=monitor_run_id, artifact_path="window/requests.jsonl"))
+    except Exception as exc:  # noqa: BLE001
+        raise store_error(f"downloading window/requests.jsonl of monitor run {monitor_run_id}", exc) from None
 
 
 def child_runs(settings: Settings, parent_run_id: str) -> list[Any]:
@@ -400,3 +445,51 @@ def download_model_dir(settings: Settings, model_uri: str, dst: Path | None = No
     if not hits:
         raise FileNotFoundError(f"{model_uri}: no config.json in the logged model at {local}")
     return hits[0].parent
+
+
+# ----------------------------------------------------------------------------- run outputs (monitor, retrain)
+WINDOW_ARTIFACT = "window/requests.jsonl"
+
+
+def log_outputs(metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+                files: dict[str, Path] | None = None, texts: dict[str, str] | None = None) -> None:
+    """Metrics, tags, files (artifact folder -> local file) and texts (artifact file -> content) on the active run."""
+    import math
+
+    import mlflow
+
+    if metrics:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
+    if tags:
+        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+    for folder, path in (files or {}).items():
+        mlflow.log_artifact(str(path), artifact_path=folder or None)
+    for name, text in (texts or {}).items():
+        mlflow.log_text(text, name)
+
+
+def set_run_tags(settings: Settings, run_id: str, tags: dict[str, str]) -> None:
+    """Tag a finished run (e.g. what the alert after a monitor run did)."""
+    configure(settings)
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])
+
+
+def download_window(settings: Settings, monitor_run_id: str, dst: Path | None = None) -> Path:
+    """The exact request records a monitor run judged (its `window/requests.jsonl` artifact), downloaded.
+
+    TrackingError when the run or the artifact does not exist (a run id from another store, a run that
+    judged nothing).
+    """
+    configure(settings)
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=monitor_run_id, artifact_path=WINDOW_ARTIFACT,
+                                                    dst_path=str(dst) if dst else None)
+    except Exception as exc:  # noqa: BLE001 - MlflowException or OSError: both mean "not there"
+        raise store_error(f"downloading {WINDOW_ARTIFACT} of monitor run {monitor_run_id}", exc) from None
+    return Path(local)

@@ -333,6 +333,9 @@ def _train(stage: str, config: str, overrides: Optional[List[str]], resume: bool
 from flows.cli_traffic import register as _register_traffic  # noqa: E402
 
 _register_traffic(app)
+from flows.cli_retrain import register as _register_retrain  # noqa: E402
+
+_register_retrain(app)
 from flows.cli_schedule import register as _register_schedule  # noqa: E402
 
 _register_schedule(app)
