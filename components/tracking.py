@@ -259,16 +259,6 @@ def get_run(settings: Settings, run_id: str) -> Any | None:
         raise store_error(f"reading run {run_id}", exc) from None
 
 
-def download_window(settings: Settings, monitor_run_id: str) -> Path:
-    """The request window a monitor run judged: its artifact window/requests.jsonl, downloaded; a local path."""
-    import mlflow
-    configure(settings)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=monitor_run_id, artifact_path="window/requests.jsonl"))
-    except Exception as exc:  # noqa: BLE001
-        raise store_error(f"downloading window/requests.jsonl of monitor run {monitor_run_id}", exc) from None
-
-
 def child_runs(settings: Settings, parent_run_id: str) -> list[Any]:
     """Runs nested under a parent run (for tests, reports and the CLI)."""
     import mlflow
