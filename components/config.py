@@ -72,7 +72,9 @@ class DataConfig(Section):
     sft_jsonl: str | None = Field(None, description="user SFT pairs (prompt/response JSONL); default: built from the corpus's functions")
     preference_jsonl: str | None = Field(None, description="user preference pairs (prompt/chosen/rejected JSONL)")
     max_sft_pairs: int | None = Field(None, gt=0, description="cap on SFT/preference pairs built from the corpus")
-    remote: str = Field("../llmcycle-dvc-remote", description="local DVC remote directory (relative to the project root)")
+    remote: str = Field("../llmcycle-dvc-remote", description="DVC remote: a directory (relative to the project root) or "
+                                                           "a URL such as s3://bucket/path (credentials and endpoint "
+                                                           "from AWS_* / AWS_ENDPOINT_URL_S3)")
     seed: int = 1337
 
     @field_validator("source")

@@ -94,7 +94,11 @@ def _last_lines(proc: subprocess.CompletedProcess, n: int = 6) -> str:
     return " | ".join(lines[-n:])
 
 
-def remote_path(settings: Settings) -> Path:
+def remote_path(settings: Settings) -> Path | str:
+    """data.remote: a URL (s3://bucket/path; DVC's S3 plugin reads AWS_* and AWS_ENDPOINT_URL_S3 from the
+    environment) passes as is; anything else is a directory, relative to the project root."""
+    if "://" in settings.data.remote:
+        return settings.data.remote
     return settings.path(settings.data.remote).resolve()
 
 
@@ -106,7 +110,8 @@ def ensure_repo(settings: Settings) -> None:
         dvc(settings, *args)
     dvc(settings, "config", "core.analytics", "false")
     remote = remote_path(settings)
-    remote.mkdir(parents=True, exist_ok=True)
+    if isinstance(remote, Path):
+        remote.mkdir(parents=True, exist_ok=True)
     # --local: the remote's path is per machine, so it lives in .dvc/config.local (git-ignored).
     dvc(settings, "remote", "add", "--local", "-f", "-d", "llmcycle", str(remote))
     if not (root / "dvc.yaml").exists():
@@ -159,7 +164,7 @@ def _takewhile_indented(lines: list[str]) -> list[str]:
     return out
 
 
-def push(settings: Settings) -> Path:
+def push(settings: Settings) -> Path | str:
     if not (settings.root / ".dvc").exists():
         raise ConfigError(f"{settings.root}: not a DVC repository (run `make setup` or `llmcycle run` first)")
     ensure_repo(settings)
