@@ -180,6 +180,10 @@ class _Seq:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     sent: int = 0                  # characters of the decoded text already emitted
+    text: str = ""                 # the completion's text so far, up to its last complete character
+    prefix_off: int = 0            # incremental detokenization: tokens[prefix_off:read_off] decode to the
+    read_off: int = 0              # tail of text already known; only tokens from prefix_off are re-decoded
+    prefix_text: str = ""
     last: int = -1                 # the token to feed at the next decode step
 
 
@@ -376,7 +380,7 @@ class Engine:
             tokens, positions = tokens + [self.ends[0]] * pad, positions + [0] * pad
             span, same = self.block, False
         t = torch.tensor(tokens, device=self.device)
-        p = torch.tensor(positions, device=self.device)
+        p = None if same else torch.tensor(positions, device=self.device)
         logits = self._decode(t, p, span, same)[: len(seqs)]                  # (B, V)
         self._stats["steps"] += 1
         for s in seqs:
@@ -407,19 +411,32 @@ class Engine:
         s.last = tok
         self._stats["tokens"] += 1
         stops = [x for x in h.params.stop if x]
-        text = self._text(s.tokens)
-        cut = min((i for i in (text.find(x) for x in stops) if i != -1), default=-1)
+        known = len(s.text)
+        text = self._detokenize(s)
+        # A stop string can only start in the last len(stop) - 1 characters known before this token.
+        start = max(0, known - max((len(x) for x in stops), default=0))
+        cut = min((i for i in (text.find(x, start) for x in stops) if i != -1), default=-1)
         if cut != -1:
             h._emit(TokenEvent(tok, text[s.sent:cut] if cut > s.sent else "", lp))
             s.sent = max(s.sent, cut)
             return self._finish(s, "stop", flush=False)
         safe = len(text) - _stop_prefix_len(text, stops)
-        while safe > s.sent and text[safe - 1] == "\ufffd":   # an unfinished UTF-8 character: wait for its bytes
-            safe -= 1
         h._emit(TokenEvent(tok, text[s.sent:safe] if safe > s.sent else "", lp))
         s.sent = max(s.sent, safe)
         if len(s.tokens) >= s.max_new or s.pos >= self.block:
             self._finish(s, "length")
+
+    def _detokenize(self, s: _Seq) -> str:
+        """s.text extended by the newest token, decoding a short window instead of the whole completion
+        (vLLM's scheme: re-decode from a point where the text was complete; advance only when the new text
+        does not end in an unfinished UTF-8 character). Byte-level BPE decodes window by window to the
+        same characters; _finish still flushes from one full decode, so the final text is exact."""
+        new = self._text(s.tokens[s.prefix_off:])
+        if len(new) > len(s.prefix_text) and not new.endswith("\ufffd"):
+            delta = new[len(s.prefix_text):]   # = the decode of tokens[read_off:]: they start on a character
+            s.text += delta
+            s.prefix_off, s.read_off, s.prefix_text = s.read_off, len(s.tokens), delta
+        return s.text
 
     def _finish(self, s: _Seq, reason: str, flush: bool = True) -> None:
         """Final event, carrying any held-back text (not after a stop string or a cancel); the slot frees

@@ -8,6 +8,7 @@ layers' nn.Linear modules are called as they are, so a dynamically quantized (in
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,59 @@ def _rms_norm(x: Tensor, norm: Any) -> Tensor:
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Fused:
+    """F.linear over fused (concatenated) plain weights; _rows() turns it into the decode path's mm."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight)
+
+
+def _plain(m: Any) -> bool:
+    return type(m) is torch.nn.Linear and m.bias is None
+
+
+def _rows(fn: Any):
+    """(B, C) -> (B, N): torch.mm on the weight's transposed view for fused plain weights (what F.linear
+    runs inside), the module or callable itself otherwise (a quantized Linear takes 2-D input as is)."""
+    if isinstance(fn, _Fused):
+        wt = fn.weight.t()
+        return lambda h: torch.mm(h, wt)
+    return fn
+
+
+def _residual(linear: Any):
+    """(x, h) -> x + linear(h): one addmm for a plain Linear (bit-identical to mm then add on CPU, checked)."""
+    if _plain(linear):
+        wt = linear.weight.detach().t()
+        return lambda x, h: torch.addmm(x, h, wt)
+    return lambda x, h: x + linear(h)
+
+
+def _norm_args(norm: Any) -> tuple[Tensor, float]:
+    return norm.weight.detach(), float(norm.variance_epsilon)
+
+
+@dataclass
+class _NormView:
+    """What _rms_norm reads from a LlamaRMSNorm (for the non-fp32 fallback of the decode path)."""
+    weight: Tensor
+    variance_epsilon: float
+
+
+@dataclass
+class _DecodeLayer:
+    ln1: tuple[Tensor, float]
+    ln2: tuple[Tensor, float]
+    qkv: Any
+    gate_up: Any
+    o: Any
+    down: Any
+    inter: int
 
 
 class LlamaKVRunner:
@@ -58,16 +112,26 @@ class LlamaKVRunner:
         self.o = [self._fused(l.self_attn.o_proj) for l in self.layers]
         self.down = [self._fused(l.mlp.down_proj) for l in self.layers]
         self.lm_head = self._fused(model.lm_head)
+        # The decode path's view of the same weights: 2-D callables, norms as (weight, eps), RoPE tables
+        # tiled over the q and k heads (one multiply covers every head).
+        self.embed = self.decoder.embed_tokens.weight.detach()
+        self.cos_qk, self.sin_qk = self.cos.repeat(1, self.n_head + self.n_kv), self.sin.repeat(1, self.n_head + self.n_kv)
+        self.rows = torch.arange(max_batch, device=self.device)
+        self.fast = [_DecodeLayer(
+            ln1=_norm_args(l.input_layernorm), ln2=_norm_args(l.post_attention_layernorm),
+            qkv=_rows(self.qkv[i]), gate_up=_rows(self.gate_up[i]), o=_residual(l.self_attn.o_proj),
+            down=_residual(l.mlp.down_proj), inter=l.mlp.gate_proj.out_features) for i, l in enumerate(self.layers)]
+        self.final_norm, self.head2d = _norm_args(self.decoder.norm), _rows(self.lm_head)
 
     @staticmethod
     def _fused(*linears: Any):
         """One matmul for several projections of the same input (fewer kernel launches per token): their
         weights concatenated; plain nn.Linear only, so a quantized model keeps calling its own modules.
         The weights are read once here: an engine serves the weights it was built with."""
-        if all(type(m) is torch.nn.Linear and m.bias is None for m in linears):
+        if all(_plain(m) for m in linears):
             weight = linears[0].weight.detach() if len(linears) == 1 else \
                 torch.cat([m.weight.detach() for m in linears], dim=0)          # (sum N, C)
-            return lambda h: F.linear(h, weight)
+            return _Fused(weight)
         if len(linears) == 1:
             return linears[0]
         return lambda h: torch.cat([m(h) for m in linears], dim=-1)
@@ -80,11 +144,10 @@ class LlamaKVRunner:
         """
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if all(type(m) is torch.nn.Linear and m.bias is None for m in lins):
+        if all(_plain(m) for m in lins):
             qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight]).detach()           # ((H + Hkv) D, C)
             rot = _rotate_half(qk.view(H + Hkv, D, -1).transpose(1, 2)).transpose(1, 2).reshape(qk.shape)
-            weight = torch.cat([qk, attn.v_proj.weight.detach(), rot])
-            return lambda h: F.linear(h, weight)
+            return _Fused(torch.cat([qk, attn.v_proj.weight.detach(), rot]))
 
         def modules(h: Tensor) -> Tensor:
             qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], dim=-1)
@@ -131,39 +194,67 @@ class LlamaKVRunner:
         return self._head(x[:, -1])[0]
 
     @torch.inference_mode()
-    def decode(self, tokens: Tensor, positions: Tensor, span: int, same_length: bool) -> Tensor:
+    def decode(self, tokens: Tensor, positions: Tensor | None, span: int, same_length: bool) -> Tensor:
         """One token for each of slots 0..B-1: tokens, positions (B,) -> logits (B, V).
 
         span = max(positions) + 1 (known to the caller without a device sync); same_length says every
-        row sits at the same position, so no mask is needed (the batch-1 case: as HF's own decode step).
+        row sits at the same position span - 1, so no mask is needed (the batch-1 case: as HF's own decode
+        step) and positions may be None.
         """
         return self.decode_graph(tokens, positions, span, same_length)
 
-    def decode_graph(self, tokens: Tensor, positions: Tensor, span: int, same_length: bool) -> Tensor:
+    def decode_graph(self, tokens: Tensor, positions: Tensor | None, span: int, same_length: bool) -> Tensor:
         """decode() without its inference_mode wrapper: what torch.compile takes (call it under no_grad;
-        dynamo cannot trace inference-mode tensors, measured here with torch 2.13)."""
-        B = tokens.shape[0]
-        x = self.decoder.embed_tokens(tokens)[:, None]                              # (B, 1, C)
-        if same_length:  # one shared position: slices instead of gathers and scatters, no mask
-            at, mask, rows = span - 1, None, None
-            cos, sin = self.cos[at:span][None, None], self.sin[at:span][None, None]     # (1, 1, 1, D)
-        else:
-            at, rows = None, torch.arange(B, device=self.device)
-            cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B, 1, 1, D)
-            mask = (self.positions[:span][None] <= positions[:, None])[:, None, None]   # (B, 1, 1, S)
-        for i in range(len(self.layers)):
-            def write(k, v, i=i):
-                if at is not None:
-                    self.k[i][:B, :, at] = k[:, :, 0]
-                    self.v[i][:B, :, at] = v[:, :, 0]
-                else:
-                    self.k[i][rows, :, positions] = k[:, :, 0]                      # (B, Hkv, D) at each own position
-                    self.v[i][rows, :, positions] = v[:, :, 0]
+        dynamo cannot trace inference-mode tensors, measured here with torch 2.13).
 
-            def read(k, v, i=i):
-                return self.k[i][:B, :, :span], self.v[i][:B, :, :span]
-            x = self._attend(i, x, cos, sin, write, read, mask, causal=False)
-        return self._head(x[:, 0])
+        Batch-1 decode on CPU is bound by per-op overhead (~1-4 us per op, ~40 ops per layer), so this
+        path works on 2-D (B, C) rows: torch.mm on the fused weights' transposed views (what F.linear
+        does inside, minus three dispatches), addmm for projection + residual (bit-identical to mm then
+        add, checked), cache reads and writes through one as_strided view each, in-place norm ops.
+        """
+        B = tokens.shape[0]
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        A, KV = (H + Hkv) * D, Hkv * D                                             # q+k width, k (or v) width
+        x = F.embedding(tokens, self.embed)                                         # (B, C)
+        if same_length:  # one shared position: strided views instead of gathers and scatters, no mask
+            at, mask = span - 1, None
+            cos, sin = self.cos_qk[at], self.sin_qk[at]                             # (A,)
+        else:
+            at = None
+            cos, sin = self.cos_qk[positions], self.sin_qk[positions]               # (B, A)
+            mask = (self.positions[:span][None] <= positions[:, None])[:, None, None]  # (B, 1, 1, S)
+            rows = self.rows[:B]
+        s0, s1, s2, s3 = self.k[0].stride()
+        for i, lay in enumerate(self.fast):
+            qkv = lay.qkv(self._norm(x, lay.ln1))                                   # (B, A + KV + A)
+            qk = qkv[:, :A] * cos + qkv[:, A + KV:] * sin                           # RoPE on q and k at once
+            k_new, v_new = qk[:, H * D:].view(B, Hkv, D), qkv[:, A:A + KV].view(B, Hkv, D)
+            kc, vc = self.k[i], self.v[i]
+            if at is not None:
+                torch.as_strided(kc, (B, Hkv, D), (s0, s1, s3), at * s2).copy_(k_new)
+                torch.as_strided(vc, (B, Hkv, D), (s0, s1, s3), at * s2).copy_(v_new)
+            else:
+                kc[rows, :, positions] = k_new                                      # each row at its own position
+                vc[rows, :, positions] = v_new
+            keys = torch.as_strided(kc, (B, Hkv, span, D), (s0, s1, s2, s3))        # (B, Hkv, S, D)
+            values = torch.as_strided(vc, (B, Hkv, span, D), (s0, s1, s2, s3))
+            if Hkv != H:
+                keys, values = keys.repeat_interleave(H // Hkv, dim=1), values.repeat_interleave(H // Hkv, dim=1)
+            y = F.scaled_dot_product_attention(qk[:, :H * D].view(B, H, 1, D), keys, values, attn_mask=mask,
+                                               scale=self.scale)                    # (B, H, 1, D)
+            x = lay.o(x, y.reshape(B, H * D))                                       # x + o_proj(y)
+            gu = lay.gate_up(self._norm(x, lay.ln2))                                # (B, 2I)
+            x = lay.down(x, F.silu(gu[:, :lay.inter]) * gu[:, lay.inter:])          # x + down(SwiGLU)
+        return self.head2d(self._norm(x, self.final_norm))                          # (B, V)
+
+    @staticmethod
+    def _norm(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
+        """LlamaRMSNorm on fp32 (B, C) rows, op for op as HF (x * x is pow(2) exactly), in place where safe."""
+        weight, eps = norm
+        if x.dtype != torch.float32:
+            return _rms_norm(x, _NormView(weight, eps))
+        var = (x * x).mean(-1, keepdim=True)
+        return weight * (x * var.add_(eps).rsqrt_())
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot src's first `length` cache rows to slot dst (compaction after a sequence leaves)."""

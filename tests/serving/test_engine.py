@@ -241,3 +241,21 @@ def test_int8_dynamic_quantized_model_runs_through_module_calls(model, tok):
             assert got == generate(q, tok, [p], max_new_tokens=12)[0]
     finally:
         eng.stop()
+
+
+def test_incremental_detokenization_gives_the_full_decode_across_split_utf8(model, tok):
+    """Text is decoded over a short window per token; multi-byte characters split over byte tokens are held
+    back until complete, and the pieces add up to the one-shot decode after every token."""
+    from components.serving.engine import GenerationHandle, _Seq
+
+    eng = Engine(model, tok, max_batch=1)
+    text = "héllo wörld — 日本語 🙂 café\n    return x  # ok ¿sí?"
+    token_ids = ids(tok, text)
+    assert len(token_ids) > len(text) // 2  # many characters are several byte tokens here
+    s = _Seq(GenerationHandle(eng, [1], SamplingParams()), slot=0, pos=1, max_new=999, generator=None)
+    for i, t in enumerate(token_ids):
+        s.tokens.append(t)
+        got = eng._detokenize(s)
+        full = tok.decode(token_ids[:i + 1], skip_special_tokens=True)
+        assert "\ufffd" not in got and full.startswith(got) and len(full.rstrip("\ufffd")) == len(got)
+    assert s.text == text
