@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export GX_ANALYTICS_ENABLED = false
 
-.PHONY: setup run test test-fast serve ui bench clean
+.PHONY: setup run test test-fast serve ui prefect-ui schedule bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +26,9 @@ setup: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init -q
 	@$(BIN)/dvc config core.analytics false
 
+# The closed loop: lifecycle -> server -> baseline + drifted traffic -> monitor -> drift-triggered retrain -> swap.
 run: setup
-	$(BIN)/llmcycle run
+	$(BIN)/llmcycle run --loop
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -40,6 +41,14 @@ serve: setup
 
 ui: setup
 	$(BIN)/llmcycle ui --host 127.0.0.1 --port 5000
+
+# The Prefect UI on this project's run history (.prefect/), e.g. after `make run`.
+prefect-ui: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Monitor on its cron, retrain on drift events, lifecycle on demand (a local Prefect server unless PREFECT_API_URL).
+schedule: setup
+	$(BIN)/llmcycle schedule
 
 bench: setup
 	$(BIN)/python benchmarks/train_bench.py

@@ -106,11 +106,21 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 # ----------------------------------------------------------------------------- lifecycle
 @app.command()
 @handles_errors
-def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
-    """The main job: the whole lifecycle as one Prefect flow, recorded in MLflow."""
+def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        loop: Optional[bool] = typer.Option(None, "--loop/--no-loop", help="then close the loop: serve, baseline "
+                                            "and drifted traffic, monitor, the drift-triggered retrain, the swap "
+                                            "(flows/loop.py; default loop.enabled, on in `make run`)")) -> None:
+    """The main job: the whole lifecycle as one Prefect flow, recorded in MLflow (with --loop, the closed loop)."""
     settings = load_settings(config, set_)
     from flows.lifecycle import lifecycle, print_summary
 
+    if settings.loop.enabled if loop is None else loop:
+        from flows.loop import print_loop_summary, run_loop
+
+        result = run_loop(settings, config, set_ or [])
+        print_summary(settings, result["lifecycle"])
+        print_loop_summary(result)
+        return
     result = lifecycle(config=config, overrides=set_ or [])
     print_summary(settings, result)
 

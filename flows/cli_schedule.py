@@ -1,13 +1,16 @@
 """`llmcycle schedule`: serve the Prefect deployments (flows/deployments.py) from this process until stopped.
 
 Events and triggers need a real Prefect server: PREFECT_API_URL names a shared one; unset, a local
-`prefect server start` runs on loopback for as long as this command does (its database in
-.prefect/server/, so run history survives restarts). Registered on the app by flows/cli.py (register(app)).
+`prefect server start` runs on loopback for as long as this command does, on the PREFECT_HOME database
+(.prefect/ under the project: the same history `llmcycle run` records; `make prefect-ui` shows it later).
+Registered on the app by flows/cli.py (register(app)).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -19,7 +22,7 @@ def _interrupt(signum, frame):  # noqa: ARG001
 
 @contextlib.contextmanager
 def prefect_server_for(settings, ui: bool = True):
-    """PREFECT_API_URL's server, or a local one under <root>/.prefect/server; yields the API URL with this
+    """PREFECT_API_URL's server, or a local one on PREFECT_HOME (<root>/.prefect); yields the API URL with this
     process's Prefect settings pointing at it. SIGTERM ends the block like Ctrl-C, so a local server never
     outlives this process. A server that does not come up exits 1 naming its log."""
     from components.orchestration import OrchestrationError, prefect_api
@@ -27,8 +30,8 @@ def prefect_server_for(settings, ui: bool = True):
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with prefect_api(settings.path(".prefect", "server"), ui=ui,
-                         timeout_s=settings.schedule.server_timeout_s) as api_url:
+        home = Path(os.environ.get("PREFECT_HOME") or settings.path(".prefect"))
+        with prefect_api(home, ui=ui, timeout_s=settings.schedule.server_timeout_s) as api_url:
             from flows.deployments import api_settings
 
             with api_settings(api_url):

@@ -107,3 +107,59 @@ def api_settings(api_url: str):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     return temporary_settings({PREFECT_API_URL: api_url})
+
+
+# ----------------------------------------------------------------------------- watching served deployments
+def _poll(fetch: Callable[[], Any], timeout_s: float, interval_s: float = 1.0) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fetch()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval_s)
+
+
+def wait_for_deployment(name: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> Any | None:
+    """The deployment `<flow>/<deployment>` once it is registered (None after timeout_s or once alive() is False)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    def fetch():
+        if not alive():
+            return "gone"
+        with get_client(sync_client=True) as client:
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                return None
+
+    found = _poll(fetch, timeout_s)
+    return None if found == "gone" else found
+
+
+def triggered_run(deployment_id: Any, parameter: str, value: str, timeout_s: float) -> Any | None:
+    """The flow run of the deployment whose `parameter` is value, once it exists (None after timeout_s)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    def fetch():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        return next((r for r in runs if (r.parameters or {}).get(parameter) == value), None)
+
+    return _poll(fetch, timeout_s)
+
+
+def wait_final(flow_run_id: Any, timeout_s: float) -> Any:
+    """The flow run once its state is final (or as it stands after timeout_s)."""
+    from prefect import get_client
+
+    def fetch():
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+        fetch.last = run
+        return run if run.state is not None and run.state.is_final() else None
+
+    return _poll(fetch, timeout_s, interval_s=2.0) or fetch.last

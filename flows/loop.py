@@ -1,0 +1,272 @@
+"""The closed loop (`llmcycle run --loop`, `make run`): the lifecycle, then the served model watched and retrained.
+
+lifecycle -> server (started when none answers) -> baseline traffic (stdlib) -> monitor -> drifted traffic
+(stdlib test/ tree, with feedback) -> monitor: drift -> `llmcycle.drift.detected` -> the `retrain`
+deployment run the event's trigger started (served by a `llmcycle schedule --no-cron` child; this flow
+only waits for it, it never calls the retrain) -> gate -> the server swaps to the new champion.
+run_loop() wraps the `closed-loop` flow with the Prefect server and the serving child; both stop after.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, task
+
+from components import config as cfg
+from components import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- tasks
+@task(name="ensure-server")
+def ensure_server_task(config: str, overrides: list[str]) -> dict:
+    """The model server at serving.host:port: the running one, else one started detached (`llmcycle serve`)."""
+    from components.serving.launcher import start_server
+    from components.serving.notify import server_url
+
+    settings = cfg.load(config, overrides)
+    url = server_url(settings)
+    ready = _readyz(url)
+    if ready:
+        return {"url": url, "action": "running", "version": ready.get("version")}
+    started = start_server(settings, config, overrides, url)
+    if not started["ok"]:
+        raise RuntimeError(f"closed loop: no model server: {started['message']}")
+    print(started["message"])
+    return {"url": url, "action": "started", "version": (_readyz(url) or {}).get("version"), "pid": started["pid"]}
+
+
+@task(name="traffic")
+def traffic_task(config: str, overrides: list[str], url: str, profile: str, n: int, feedback: bool, seed: int) -> dict:
+    from components.monitoring.traffic import run_traffic
+
+    summary = run_traffic(cfg.load(config, overrides), url, profile, n, feedback=feedback, seed=seed)
+    for line in summary.lines():
+        print(line)
+    return summary.as_dict()
+
+
+@task(name="await-triggered-retrain")
+def await_retrain_task(config: str, overrides: list[str], monitor_run_id: str, timeout_s: float) -> dict:
+    """The retrain run the drift event started (found by its monitor_run_id parameter), once finished."""
+    from flows.deployments import triggered_run, wait_final, wait_for_deployment
+
+    deployment = wait_for_deployment("retrain/retrain", 30)
+    if deployment is None:
+        return {"state": "MISSING", "message": "no retrain/retrain deployment is served"}
+    run = triggered_run(deployment.id, "monitor_run_id", monitor_run_id, timeout_s=120)
+    if run is None:
+        return {"state": "MISSING", "message": f"no retrain run was triggered for monitor run {monitor_run_id} in 120 s"}
+    print(f"retrain flow run {run.name} ({run.id}) started by {_creator(run)}; waiting for it")
+    run = wait_final(run.id, timeout_s)
+    out = {"flow_run": run.name, "flow_run_id": str(run.id), "state": run.state.type.value,
+           "message": run.state.message or "", "created_by": _creator(run)}
+    settings = cfg.load(config, overrides)
+    mlflow_run = tracking.newest_run(settings, "retrain", f"tags.monitor_run_id = '{monitor_run_id}'")
+    if mlflow_run is not None:
+        tags = mlflow_run.data.tags
+        deploy = [r for r in tracking.child_runs(settings, mlflow_run.info.run_id) if r.info.run_name == "deploy"]
+        out.update(run_id=mlflow_run.info.run_id, status=tags.get("retrain_status"), reason=tags.get("retrain_reason"),
+                   version=tags.get("challenger_version"), deploy_run_id=deploy[0].info.run_id if deploy else "",
+                   metrics={k: v for k, v in mlflow_run.data.metrics.items() if k.endswith("bits_per_byte")})
+    return out
+
+
+@task(name="await-swap")
+def await_swap_task(url: str, version: str, timeout_s: float) -> dict:
+    """Wait until the server's /readyz reports the new champion version."""
+    deadline = time.monotonic() + timeout_s
+    ready: dict = {}
+    while time.monotonic() < deadline:
+        ready = _readyz(url) or {}
+        if str(ready.get("version")) == str(version):
+            return {"swapped": True, "version": ready.get("version"), "loaded_at": ready.get("loaded_at")}
+        time.sleep(1.0)
+    return {"swapped": False, "version": ready.get("version"), "error": ready.get("last_reload_error")}
+
+
+def _readyz(url: str) -> dict | None:
+    import httpx
+
+    try:
+        resp = httpx.get(f"{url}/readyz", timeout=5)
+    except httpx.HTTPError:
+        return None
+    return resp.json() if resp.status_code == 200 else None
+
+
+def _creator(run: Any) -> str:
+    by = getattr(run, "created_by", None)
+    return f"{by.type} {by.display_value}".strip() if by else "unknown"
+
+
+def _champion(settings: cfg.Settings) -> str | None:
+    mv = tracking.get_alias_version(settings, settings.registry.model_name, "champion")
+    return str(mv.version) if mv is not None else None
+
+
+# ----------------------------------------------------------------------------- the flow
+@flow(name="closed-loop", log_prints=True)
+def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """One pass of the loop; returns what each stage did (run ids, decisions, versions)."""
+    from flows.lifecycle import lifecycle
+    from flows.monitor import monitor_flow
+
+    overrides = list(overrides or [])
+    settings = cfg.load(config, overrides)
+    loop = settings.loop
+    out: dict[str, Any] = {"lifecycle": lifecycle(config, overrides)}
+    out["champion_before"] = _champion(settings)
+    server = out["server"] = ensure_server_task(config, overrides)
+    for stage, profile, n, feedback, seed in (
+            ("baseline", "stdlib", loop.baseline_requests or settings.monitoring.window, False, 1),
+            ("drifted", "tests", loop.drift_requests or settings.monitoring.window, loop.feedback, 2)):
+        out[f"{stage}_traffic"] = traffic_task(config, overrides, server["url"], profile, n, feedback, seed)
+        out[f"{stage}_monitor"] = monitor_flow(config, overrides, window=n)
+        print(f"monitor after {stage} traffic: {out[f'{stage}_monitor']['decision']}")
+    drift = out["drifted_monitor"]
+    if drift["decision"] == "drift":
+        out["retrain"] = await_retrain_task(config, overrides, drift["monitor_run_id"], loop.retrain_timeout_s)
+    out["champion_after"] = _champion(settings)
+    if out["champion_after"] and out["champion_after"] != out["champion_before"]:
+        out["swap"] = await_swap_task(server["url"], out["champion_after"], loop.swap_timeout_s)
+    return out
+
+
+# ----------------------------------------------------------------------------- the driver
+@contextlib.contextmanager
+def served_deployments(settings: cfg.Settings, config: str, overrides: list[str], api_url: str) -> Iterator[Path]:
+    """`llmcycle schedule --no-cron` as a child (its log in .prefect/schedule.log) until the block ends."""
+    from flows.deployments import wait_for_deployment
+
+    log_path = settings.path(".prefect", "schedule.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-c", "from flows.cli import app; app()", "schedule", "--no-cron",
+           "--config", str(Path(config).resolve())]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=settings.root, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if wait_for_deployment("retrain/retrain", 120, alive=lambda: proc.poll() is None) is None:
+            raise RuntimeError(f"closed loop: `llmcycle schedule` did not serve the retrain deployment; see {log_path}")
+        yield log_path
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)    # SIGTERM: the runner shuts down, `schedule` exits
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def run_loop(settings: cfg.Settings, config: str, overrides: list[str]) -> dict:
+    """The Prefect server (PREFECT_API_URL's, or a local one), the served deployments, then the flow."""
+    from flows.cli_schedule import prefect_server_for, ui_url
+
+    with prefect_server_for(settings) as api_url:
+        print(f"Prefect API {api_url} (UI {ui_url(api_url)}, open while the loop runs)")
+        with served_deployments(settings, config, overrides, api_url):
+            result = closed_loop(config, overrides)
+    result["prefect_api"] = api_url
+    return result
+
+
+# ----------------------------------------------------------------------------- the summary
+def _monitor_cell(m: dict | None) -> str:
+    if not m:
+        return "not run"
+    share = m.get("drift_share")
+    cols = ", ".join(m.get("drifted_columns") or []) or "none"
+    text = f"{m.get('decision')} (window {m.get('n_current')}, drift share " \
+           f"{share:.2f}, drifted: {cols})" if share is not None else str(m.get("decision"))
+    return text + (f"; event {m['event_id']}" if m.get("event_id") else "")
+
+
+def _traffic_cell(t: dict | None) -> str:
+    if not t:
+        return "not run"
+    fb = ", ".join(f"{k} {v}" for k, v in sorted((t.get("feedback") or {}).items())) or "none"
+    served = ", ".join(f"v{k} {v}" for k, v in sorted((t.get("versions") or {}).items())) or "none"
+    return f"{t['profile']}: {t['ok']}/{t['sent']} ok, served by {served}; feedback {fb}"
+
+
+def summary_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(stage, MLflow run, what happened) for each stage of the loop, then old vs new champion."""
+    life = result.get("lifecycle") or {}
+    dep = life.get("deploy") or {}
+    server = result.get("server") or {}
+    rows = [("lifecycle", life.get("lifecycle_run_id", ""),
+             f"gate {dep.get('decision')} v{dep.get('version')}: {dep.get('reason')}"),
+            ("server", "", f"{server.get('action')} at {server.get('url')}, serving v{server.get('version')}")]
+    for stage in ("baseline", "drifted"):
+        mon = result.get(f"{stage}_monitor") or {}
+        rows += [(f"{stage} traffic", "", _traffic_cell(result.get(f"{stage}_traffic"))),
+                 (f"monitor ({stage})", mon.get("monitor_run_id") or "", _monitor_cell(mon))]
+    rt = result.get("retrain")
+    if rt is None:
+        rows.append(("retrain", "", "not triggered (no drift)"))
+    else:
+        rows.append(("retrain", rt.get("run_id", ""), f"Prefect run {rt.get('flow_run')} {rt.get('state')}, "
+                                                      f"started by {rt.get('created_by')} {rt.get('message')}".strip()))
+        version = f" v{rt['version']}" if rt.get("version") else ""
+        rows.append(("gate", rt.get("deploy_run_id", ""), f"{rt.get('status')}{version}: {rt.get('reason')}"))
+    swap = result.get("swap")
+    before, after = result.get("champion_before"), result.get("champion_after")
+    rows.append(("swap", "", "champion unchanged" if swap is None else
+                 f"server serves v{swap['version']}" if swap["swapped"] else
+                 f"server still serves v{swap['version']} ({swap.get('error') or 'no reload yet'})"))
+    rows.append(("champion", "", f"v{before} -> v{after}" if before != after else f"v{before} (kept)"))
+    return rows
+
+
+def champion_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(domain, old champion, challenger) bits per byte: the retrain run's old-vs-new figures, plus the old
+    champion's test figure from the lifecycle's evaluation when the lifecycle trained it."""
+    import re as regex
+
+    table: dict[str, dict[str, float]] = {}
+    for key, value in ((result.get("retrain") or {}).get("metrics") or {}).items():
+        m = regex.match(r"^(champion|challenger)_(.+)_bits_per_byte$", key)
+        if m:
+            table.setdefault(m.group(2), {})[m.group(1)] = value
+    life = result.get("lifecycle") or {}
+    if table and (life.get("deploy") or {}).get("version") == result.get("champion_before") and life.get("evaluate"):
+        for domain in ("test", "sft"):
+            old = life["evaluate"]["metrics"].get(f"{domain}_bits_per_byte")
+            if old is not None and domain in table:
+                table[domain].setdefault("champion", old)
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    return [(domain, fmt(v.get("champion")), fmt(v.get("challenger"))) for domain, v in sorted(table.items())]
+
+
+def print_loop_summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="closed loop", title_justify="left")
+    for column in ("stage", "MLflow run", "result"):
+        table.add_column(column, style="bold" if column == "stage" else None, overflow="fold")
+    for row in summary_rows(result):
+        table.add_row(*row)
+    Console().print(table)
+    rows = champion_rows(result)
+    if rows:
+        rt = result["retrain"]
+        old = Table(title="old vs new champion: bits per byte (lower is better)", title_justify="left")
+        for column in ("domain", f"champion v{result.get('champion_before')}", f"challenger v{rt.get('version')}"):
+            old.add_column(column)
+        for row in rows:
+            old.add_row(*row)
+        Console().print(old)
+    print(f"Prefect runs: {result.get('prefect_api')} (the local server stops now; `make prefect-ui` reopens them)")
