@@ -257,10 +257,51 @@ class ServingConfig(Section):
                                    "started to answer /readyz")
 
 
+# Columns the drift report compares (components/monitoring/descriptors.py); "embedding" when enabled.
+DRIFT_COLUMNS = ("prompt", "prompt_chars", "prompt_tokens", "prompt_rare_share", "prompt_byte_fallback_share",
+                 "prompt_bits_per_byte", "completion_chars", "completion_tokens", "completion_mean_logprob",
+                 "completion_parses", "embedding")
+
+
 class MonitoringConfig(Section):
-    window: int = Field(200, ge=10, description="requests per drift window")
-    webhook_url: str | None = None
-    drift_share_threshold: float = Field(0.5, gt=0, le=1)
+    window: int = Field(200, ge=10, description="requests per drift window (the newest N of the request log)")
+    window_minutes: float | None = Field(None, gt=0, description="judge the requests of the last T minutes instead "
+                                                                 "of the last `window` (null: count-based)")
+    min_window: int = Field(30, ge=2, description="a window with fewer distinct prompts is insufficient_data, "
+                                                  "never 'no drift'")
+    drift_share_threshold: float = Field(0.5, gt=0, le=1, description="drift when at least this share of the "
+                                                                      "compared columns drifted")
+    drift_columns: list[str] = Field(default_factory=lambda: ["prompt"], description="columns any one of which "
+                                     "drifting is drift on its own (see DRIFT_COLUMNS)")
+    text_threshold: float = Field(0.6, gt=0.5, lt=1, description="ROC AUC of the prompt text's domain classifier "
+                                                                 "(abs_text_content_drift) above which it drifted")
+    embeddings: bool = Field(False, description="also compare mean last-hidden-state embeddings of the prompts")
+    reference_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["val", "test"], description="held-out SFT splits whose prompts form the reference")
+    reference_size: int = Field(300, ge=10, description="most reference prompts (a fixed-seed sample)")
+    reference_temperature: float = Field(1.0, ge=0, description="sampling temperature of the champion's reference "
+                                         "completions: match the traffic's (the API default is 1.0)")
+    reference_max_tokens: int | None = Field(None, ge=1, description="reference completion length; null: "
+                                                                     "serving.max_new_tokens (the API default)")
+    rare_token_coverage: float = Field(0.95, gt=0, lt=1, description="a token is rare when it is not among the most "
+                                       "frequent training tokens that together make up this share")
+    webhook_url: str | None = Field(None, description="POST a JSON alert here on drift (null: no webhook)")
+    webhook_timeout_s: float = Field(5.0, gt=0, description="seconds before a webhook POST is given up (logged)")
+
+    @field_validator("drift_columns")
+    @classmethod
+    def _known_columns(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(DRIFT_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown drift column(s) {unknown}; known: {list(DRIFT_COLUMNS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> "MonitoringConfig":
+        if self.window < self.min_window:
+            raise ValueError(f"window ({self.window}) is below min_window ({self.min_window}): every window "
+                             "would be insufficient_data")
+        return self
 
 
 class RetrainConfig(Section):

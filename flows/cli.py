@@ -349,6 +349,9 @@ _register_retrain(app)
 from flows.cli_schedule import register as _register_schedule  # noqa: E402
 
 _register_schedule(app)
+from flows.cli_monitor import register as _register_monitor  # noqa: E402
+
+_register_monitor(app)
 
 
 if __name__ == "__main__":
