@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
                 concurrency: int = typer.Option(4, "--concurrency", help="requests in flight at once"),
                 seed: int = typer.Option(0, "--seed", help="which prompts are drawn, and the sampling seed"),
                 max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens of each request"),
+                max_retries: int = typer.Option(10, "--max-retries", help="per request: retries of a 429 / 503 answer, each after its Retry-After"),
                 as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object")) -> None:
         """Send realistic requests through the real API (and optionally feedback); print what came back."""
         settings = load_settings(config, set_)
@@ -34,7 +35,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             summary = run_traffic(settings, url or server_url(settings), profile, n, key=key, feedback=feedback,
-                                  concurrency=concurrency, seed=seed, max_tokens=max_tokens)
+                                  concurrency=concurrency, seed=seed, max_tokens=max_tokens,
+                                  max_retries=max_retries)
         except TrafficError as exc:
             fail(str(exc), 1)
         if as_json:

@@ -23,6 +23,7 @@ from components.monitoring.prompts import Prompt, profile_prompts, stdlib_prompt
 RATE_SHARE = 0.6          # share of completions rated up/down
 CORRECT_SHARE = 0.5       # share of the down-rated ones that also carry the real function as `corrected`
 PREFER_SHARE = 0.1        # share of completions sent as an explicit preference (at least one when possible)
+MAX_RETRY_WAIT_S = 60.0   # longest single wait on a Retry-After
 
 
 class TrafficError(RuntimeError):
@@ -38,6 +39,7 @@ class Summary:
     sent: int = 0
     ok: int = 0
     errors: Counter = field(default_factory=Counter)       # status (or "connection") -> count
+    retries: int = 0                                       # 429/503 answers waited out and retried
     prompt_tokens: int = 0
     completion_tokens: int = 0
     feedback: Counter = field(default_factory=Counter)     # up / down / corrected / preference / failed
@@ -46,7 +48,7 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "profile": self.profile, "sent": self.sent, "ok": self.ok,
-                "errors": dict(self.errors), "prompt_tokens": self.prompt_tokens,
+                "errors": dict(self.errors), "retries": self.retries, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "feedback": dict(self.feedback),
                 "versions": dict(self.versions), "seconds": round(self.seconds, 3)}
 
@@ -54,7 +56,8 @@ class Summary:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items(), key=str)) or "none"
         fb = ", ".join(f"{k} {v}" for k, v in sorted(self.feedback.items())) or "none"
         served = ", ".join(f"v{k} {v}" for k, v in sorted(self.versions.items(), key=str)) or "none"
-        return [f"traffic {self.profile} -> {self.url}: sent {self.sent}, ok {self.ok}, errors {errors}",
+        return [f"traffic {self.profile} -> {self.url}: sent {self.sent}, ok {self.ok}, errors {errors} "
+                f"(after {self.retries} retries on 429/503)",
                 f"tokens: prompt {self.prompt_tokens}, completion {self.completion_tokens}; served by {served}; "
                 f"{self.seconds:.1f} s",
                 f"feedback sent: {fb}"]
@@ -89,20 +92,35 @@ def preflight(client: Any, url: str) -> None:
 
 
 def _complete(client: Any, p: Prompt, i: int, model: str, max_tokens: int, temperature: float,
-              seed: int) -> dict[str, Any]:
+              seed: int, max_retries: int) -> dict[str, Any]:
     import httpx
 
     body = {"model": model, "messages": [{"role": "user", "content": p.prompt}], "max_tokens": max_tokens,
             "temperature": temperature, "seed": seed + i}
-    try:
-        r = client.post("/v1/chat/completions", json=body)
-    except httpx.HTTPError as exc:
-        return {"status": "connection", "error": f"{type(exc).__name__}: {exc}"}
+    retries = 0
+    while True:
+        try:
+            r = client.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return {"status": "connection", "error": f"{type(exc).__name__}: {exc}", "retries": retries}
+        # A well-behaved client waits out a rate limit (429) or a full queue (503) as Retry-After says.
+        if r.status_code in (429, 503) and retries < max_retries:
+            retries += 1
+            time.sleep(min(MAX_RETRY_WAIT_S, _retry_after(r.headers.get("Retry-After"))))
+            continue
+        break
     if r.status_code != 200:
-        return {"status": r.status_code}
+        return {"status": r.status_code, "retries": retries}
     out = r.json()
     return {"status": 200, "id": out["id"], "text": out["choices"][0]["message"]["content"] or "",
-            "usage": out.get("usage") or {}, "version": r.headers.get("X-Model-Version")}
+            "usage": out.get("usage") or {}, "version": r.headers.get("X-Model-Version"), "retries": retries}
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.1, float(value))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 def judge(p: Prompt, completion: str) -> bool:
@@ -135,11 +153,12 @@ def feedback_bodies(pairs: list[tuple[Prompt, dict]], seed: int) -> list[tuple[s
 
 def run_traffic(settings: Settings, url: str, profile: str, n: int, key: str | None = None, feedback: bool = False,
                 concurrency: int = 4, seed: int = 0, max_tokens: int = 64, temperature: float = 0.0,
-                model: str | None = None, timeout_s: float = 300.0) -> Summary:
+                model: str | None = None, timeout_s: float = 300.0, max_retries: int = 10) -> Summary:
     """Send n prompts of `profile` to the server at url; the Summary of what came back.
 
     ConfigError for a bad profile / n / concurrency (exit 2), DataError for a bad jsonl line,
-    TrafficError when the server is unreachable or refuses the key (exit 1).
+    TrafficError when the server is unreachable or refuses the key (exit 1). 429/503 answers are retried
+    after Retry-After, up to max_retries times per request; what still fails is counted by status.
     """
     import httpx
 
@@ -160,11 +179,12 @@ def run_traffic(settings: Settings, url: str, profile: str, n: int, key: str | N
         preflight(client, url)
         name = model or settings.registry.model_name
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            results = list(pool.map(lambda ip: _complete(client, ip[1], ip[0], name, max_tokens, temperature, seed),
-                                    enumerate(prompts)))
+            results = list(pool.map(lambda ip: _complete(client, ip[1], ip[0], name, max_tokens, temperature, seed,
+                                                          max_retries), enumerate(prompts)))
         done: list[tuple[Prompt, dict]] = []
         for p, res in zip(prompts, results):
             summary.sent += 1
+            summary.retries += res["retries"]
             if res["status"] != 200:
                 summary.errors[res["status"]] += 1
                 continue
