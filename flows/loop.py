@@ -129,11 +129,13 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
             ("baseline", "stdlib", loop.baseline_requests or settings.monitoring.window, False, 1),
             ("drifted", "tests", loop.drift_requests or settings.monitoring.window, loop.feedback, 2)):
         out[f"{stage}_traffic"] = traffic_task(config, overrides, server["url"], profile, n, feedback, seed)
-        out[f"{stage}_monitor"] = monitor_flow(config, overrides, window=n)
-        print(f"monitor after {stage} traffic: {out[f'{stage}_monitor']['decision']}")
-    drift = out["drifted_monitor"]
-    if drift["decision"] == "drift":
-        out["retrain"] = await_retrain_task(config, overrides, drift["monitor_run_id"], loop.retrain_timeout_s)
+        mon = out[f"{stage}_monitor"] = monitor_flow(config, overrides, window=n)
+        print(f"monitor after {stage} traffic: {mon['decision']}")
+        if mon["decision"] == "drift":
+            # Each drift event starts a retrain; wait for it before the next stage, so a second event is
+            # never cancelled by the deployment's concurrency limit while the first retrain still runs.
+            out[f"{stage}_retrain"] = await_retrain_task(config, overrides, mon["monitor_run_id"],
+                                                         loop.retrain_timeout_s)
     out["champion_after"] = _champion(settings)
     if out["champion_after"] and out["champion_after"] != out["champion_before"]:
         out["swap"] = await_swap_task(server["url"], out["champion_after"], loop.swap_timeout_s)
@@ -186,11 +188,12 @@ def run_loop(settings: cfg.Settings, config: str, overrides: list[str]) -> dict:
 def _monitor_cell(m: dict | None) -> str:
     if not m:
         return "not run"
-    share = m.get("drift_share")
-    cols = ", ".join(m.get("drifted_columns") or []) or "none"
-    text = f"{m.get('decision')} (window {m.get('n_current')}, drift share " \
-           f"{share:.2f}, drifted: {cols})" if share is not None else str(m.get("decision"))
-    return text + (f"; event {m['event_id']}" if m.get("event_id") else "")
+    if m.get("drift_share") is None:
+        return f"{m.get('decision')}: {m.get('reason', '')}".rstrip(": ")
+    cols = list(m.get("drifted_columns") or [])
+    shown = ", ".join(cols[:3]) + (f" +{len(cols) - 3} more" if len(cols) > 3 else "") if cols else "none"
+    event = "; event emitted" if m.get("event_id") else ""
+    return f"{m['decision']} (window {m.get('n_current')}, drift share {m['drift_share']:.2f}: {shown}){event}"
 
 
 def _traffic_cell(t: dict | None) -> str:
@@ -201,8 +204,17 @@ def _traffic_cell(t: dict | None) -> str:
     return f"{t['profile']}: {t['ok']}/{t['sent']} ok, served by {served}; feedback {fb}"
 
 
+def _retrain_rows(stage: str, rt: dict) -> list[tuple[str, str, str]]:
+    run = f"Prefect run {rt.get('flow_run')} {rt.get('state')}, started by {rt.get('created_by')}"
+    if not rt.get("run_id"):      # cancelled, failed before its MLflow run, or never triggered
+        return [(f"retrain ({stage})", "", f"{run if rt.get('flow_run') else 'no run'}: {rt.get('message')}")]
+    version = f" v{rt['version']}" if rt.get("version") else ""
+    return [(f"retrain ({stage})", rt["run_id"], run),
+            ("gate", rt.get("deploy_run_id", ""), f"{rt.get('status')}{version}: {rt.get('reason')}")]
+
+
 def summary_rows(result: dict) -> list[tuple[str, str, str]]:
-    """(stage, MLflow run, what happened) for each stage of the loop, then old vs new champion."""
+    """(stage, MLflow run, what happened) for each stage of the loop."""
     life = result.get("lifecycle") or {}
     dep = life.get("deploy") or {}
     server = result.get("server") or {}
@@ -213,31 +225,27 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
         mon = result.get(f"{stage}_monitor") or {}
         rows += [(f"{stage} traffic", "", _traffic_cell(result.get(f"{stage}_traffic"))),
                  (f"monitor ({stage})", mon.get("monitor_run_id") or "", _monitor_cell(mon))]
-    rt = result.get("retrain")
-    if rt is None:
-        rows.append(("retrain", "", "not triggered (no drift)"))
-    else:
-        rows.append(("retrain", rt.get("run_id", ""), f"Prefect run {rt.get('flow_run')} {rt.get('state')}, "
-                                                      f"started by {rt.get('created_by')} {rt.get('message')}".strip()))
-        version = f" v{rt['version']}" if rt.get("version") else ""
-        rows.append(("gate", rt.get("deploy_run_id", ""), f"{rt.get('status')}{version}: {rt.get('reason')}"))
+        if result.get(f"{stage}_retrain"):
+            rows += _retrain_rows(stage, result[f"{stage}_retrain"])
     swap = result.get("swap")
     before, after = result.get("champion_before"), result.get("champion_after")
-    rows.append(("swap", "", "champion unchanged" if swap is None else
+    rows.append(("swap", "", "champion unchanged: nothing to swap" if swap is None else
                  f"server serves v{swap['version']}" if swap["swapped"] else
                  f"server still serves v{swap['version']} ({swap.get('error') or 'no reload yet'})"))
     rows.append(("champion", "", f"v{before} -> v{after}" if before != after else f"v{before} (kept)"))
     return rows
 
 
-def champion_rows(result: dict) -> list[tuple[str, str, str]]:
-    """(domain, old champion, challenger) bits per byte: the retrain run's old-vs-new figures, plus the old
-    champion's test figure from the lifecycle's evaluation when the lifecycle trained it."""
-    import re as regex
+def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]]:
+    """The last retrain that scored old vs new, and its (domain, old champion, challenger) bits per byte; the old
+    champion's test figure comes from the lifecycle's evaluation when the lifecycle trained it."""
+    import re
 
+    rt = next((result[k] for k in ("drifted_retrain", "baseline_retrain") if (result.get(k) or {}).get("metrics")),
+              None)
     table: dict[str, dict[str, float]] = {}
-    for key, value in ((result.get("retrain") or {}).get("metrics") or {}).items():
-        m = regex.match(r"^(champion|challenger)_(.+)_bits_per_byte$", key)
+    for key, value in ((rt or {}).get("metrics") or {}).items():
+        m = re.match(r"^(champion|challenger)_(.+)_bits_per_byte$", key)
         if m:
             table.setdefault(m.group(2), {})[m.group(1)] = value
     life = result.get("lifecycle") or {}
@@ -247,26 +255,28 @@ def champion_rows(result: dict) -> list[tuple[str, str, str]]:
             if old is not None and domain in table:
                 table[domain].setdefault("champion", old)
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    return [(domain, fmt(v.get("champion")), fmt(v.get("challenger"))) for domain, v in sorted(table.items())]
+    return rt, [(domain, fmt(v.get("champion")), fmt(v.get("challenger"))) for domain, v in sorted(table.items())]
 
 
 def print_loop_summary(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=None if sys.stdout.isatty() else 140)   # a piped `make run` log gets wide rows
     table = Table(title="closed loop", title_justify="left")
-    for column in ("stage", "MLflow run", "result"):
-        table.add_column(column, style="bold" if column == "stage" else None, overflow="fold")
+    table.add_column("stage", style="bold", no_wrap=True)
+    table.add_column("MLflow run", no_wrap=True)
+    table.add_column("result", overflow="fold")
     for row in summary_rows(result):
         table.add_row(*row)
-    Console().print(table)
-    rows = champion_rows(result)
+    console.print(table)
+    rt, rows = champion_rows(result)
     if rows:
-        rt = result["retrain"]
         old = Table(title="old vs new champion: bits per byte (lower is better)", title_justify="left")
         for column in ("domain", f"champion v{result.get('champion_before')}", f"challenger v{rt.get('version')}"):
             old.add_column(column)
         for row in rows:
             old.add_row(*row)
-        Console().print(old)
-    print(f"Prefect runs: {result.get('prefect_api')} (the local server stops now; `make prefect-ui` reopens them)")
+        console.print(old)
+    console.print(f"Prefect runs: {result.get('prefect_api')} (the local server stops now; `make prefect-ui` "
+                  f"reopens them)")
