@@ -238,7 +238,9 @@ class RateLimitConfig(Section):
 class ServingConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Literal["none", "int8", "auto"] = Field(
+        "none", description="CPU dynamic int8 of the linear layers: none | int8 (always) | auto (only where "
+                            "int8 was measured faster: hidden size >= quantize.INT8_MIN_HIDDEN; the reason is logged)")
     max_new_tokens: int = Field(128, ge=1)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     max_batch: int = Field(16, ge=1, description="sequences decoded together by the engine")

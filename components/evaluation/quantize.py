@@ -18,6 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Where dynamic int8 pays in the serving engine on CPU (benchmarks/README.md, int8 section, int8_bench.py):
+# decode is faster only once the linears are wide enough that reading int8 weights saves more than the
+# per-call activation quantization costs. Measured on the 2-core machine: hidden 128 (tiny) 0.6x (slower)
+# at batch 1 and 16; hidden 384 (small) 2.9x at batch 1, 1.8x at batch 16.
+INT8_MIN_HIDDEN = 384
+
+
+def int8_pays(model: nn.Module) -> tuple[bool, str]:
+    """(whether dynamic int8 makes serving this model faster here, the reason in words), by the measured rule."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return False, f"the model is on {device.type}: torch.ao dynamic int8 runs on CPU only"
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    if not hidden:
+        return False, "the model has no config.hidden_size to apply the measured rule to"
+    if hidden >= INT8_MIN_HIDDEN:
+        return True, (f"hidden size {hidden} >= {INT8_MIN_HIDDEN}: int8 measured faster there "
+                      "(1.8-2.9x decode at hidden 384, benchmarks/README.md)")
+    return False, (f"hidden size {hidden} < {INT8_MIN_HIDDEN}: int8 measured slower there "
+                   "(0.6x decode at hidden 128, benchmarks/README.md)")
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A dynamically int8-quantized copy of model (every nn.Linear); the original is untouched."""
     engines = torch.backends.quantized.supported_engines

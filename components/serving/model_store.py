@@ -44,6 +44,8 @@ class Served:
     engine: Any
     context_len: int
     loaded_at: float = field(default_factory=time.time)
+    precision: str = "fp32"            # what serves: fp32 or int8 (serving.quantize and the measured rule)
+    precision_reason: str = ""
     inflight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -145,11 +147,7 @@ class ModelStore:
             t0 = time.perf_counter()
             model, tokenizer = load_causal_lm(self.settings, ref.uri)
             model.eval()
-            if self.settings.serving.quantize == "int8":
-                # CPU dynamic int8 of every nn.Linear (TRAPS.md: torch.ao is the fast one here); the engine
-                # calls quantized modules where it cannot fuse plain weights. Where it pays: issue 8, part 4.
-                from components.evaluation.quantize import quantize_int8
-                model = quantize_int8(model)
+            model, precision, why = self._precision(model, ref)
             engine = self.engine_factory(model, tokenizer, self.settings, ref.version)
             engine.start()
             try:
@@ -159,7 +157,25 @@ class ModelStore:
                 raise
             ctx = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 30
             log.info("loaded %s (version %s) in %.1fs", ref.label, ref.version, time.perf_counter() - t0)
-            return Served(ref, model, tokenizer, engine, ctx)
+            return Served(ref, model, tokenizer, engine, ctx, precision=precision, precision_reason=why)
+
+    def _precision(self, model: Any, ref: Ref) -> tuple[Any, str, str]:
+        """serving.quantize: none keeps fp32; int8 always quantizes (CPU dynamic int8 of every nn.Linear,
+        TRAPS.md: torch.ao is the fast one here); auto quantizes only where int8 was measured to pay
+        (components.evaluation.quantize.int8_pays). The choice and its reason are logged and recorded."""
+        mode = self.settings.serving.quantize
+        if mode == "none":
+            return model, "fp32", "serving.quantize is none"
+        from components.evaluation.quantize import int8_pays, quantize_int8
+        pays, why = int8_pays(model)
+        if mode == "auto" and not pays:
+            log.info("%s: serving.quantize=auto keeps fp32: %s", ref.label, why)
+            return model, "fp32", why
+        if not pays:
+            log.warning("%s: serving.quantize=int8 quantizes although %s", ref.label, why)
+        else:
+            log.info("%s: serving int8: %s", ref.label, why)
+        return quantize_int8(model), "int8", why
 
     def swap(self, served: Served) -> None:
         with self._swap_lock:
@@ -181,7 +197,8 @@ class ModelStore:
                 import mlflow
                 params = {"model_version": served.ref.version, "model_uri": served.ref.uri,
                           "model_label": served.ref.label, "previous_version": old.ref.version if old else "none",
-                          "quantize": self.settings.serving.quantize}
+                          "quantize": self.settings.serving.quantize, "precision": served.precision,
+                          "precision_reason": served.precision_reason[:480]}
                 with self._deploy_lock, tracking.stage_run(self.settings, "deploy", params=params,
                                                            tags={"deployed_version": served.ref.version}):
                     mlflow.log_metric("went_live_unix", served.loaded_at)
