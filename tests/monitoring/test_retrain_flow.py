@@ -1,0 +1,110 @@
+"""The retrain flow for real on a tiny project: lifecycle -> champion; a monitor run with a drifted window
+and feedback -> retrain: new dvc.lock hash, challenger fine-tuned from the champion, gated by the deploy
+gate, every run linked to the monitor run; the same feedback again is not_enough_data."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from components import config as cfg
+from components import tracking
+from tests.flows.conftest import init_project, prefect_harness  # noqa: F401 - the session's Prefect server
+
+pytestmark = pytest.mark.slow
+
+GITIGNORE = "data/\nmlflow/\ncheckpoints/\n.prefect/\ndvc-remote/\n"
+
+
+def _window(n: int = 40) -> list[dict]:
+    """Drifted requests: tests of functions instead of functions, with the model's (poor) completions."""
+    return [{"id": f"cmpl-{i}", "index": 0, "prompt": f"Write a test for parse_items_{i}(data) that checks empty input.",
+             "completion": f"def test_parse_items_{i}(:\n    pass", "prompt_tokens": 12, "completion_tokens": 9,
+             "latency_s": 0.1, "mean_logprob": -2.5, "version": "1", "key_id": "k", "finish_reason": "stop",
+             "ts": f"2026-11-30T00:00:{i:02d}Z"} for i in range(n)]
+
+
+def _feedback(window: list[dict]) -> list[str]:
+    lines = []
+    for i, rec in enumerate(window):
+        fixed = f"def test_parse_items_{i}():\n    assert parse_items_{i}([]) == []\n"
+        if i % 4 == 0:
+            lines.append({"kind": "rating", "completion_id": rec["id"], "rating": "up"})
+        elif i % 4 == 1:
+            lines.append({"kind": "rating", "completion_id": rec["id"], "rating": "down", "corrected": fixed})
+        elif i % 4 == 2:
+            lines.append({"kind": "preference", "prompt": rec["prompt"], "chosen": fixed, "rejected": rec["completion"]})
+    out = [json.dumps(r) for r in lines]
+    return out + ['{"kind": "rating", "completion_id"', json.dumps({"kind": "rating", "completion_id": "nope",
+                                                                     "rating": "up"})]
+
+
+def _monitor_run(settings, window: list[dict], tmp: Path) -> str:
+    """A monitor run as flows/monitor.py logs it: drift_detected=1, the window as window/requests.jsonl."""
+    import mlflow
+
+    path = tmp / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in window))
+    with tracking.stage_run(settings, "monitor", tags={"window_start": window[0]["ts"], "window_end": window[-1]["ts"],
+                                                       "window_n": str(len(window))}) as run:
+        mlflow.log_metrics({"drift_detected": 1.0, "drift_share": 0.8})
+        mlflow.log_artifact(str(path), "window")
+    return run.info.run_id
+
+
+def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
+    import mlflow
+
+    from flows.lifecycle import lifecycle
+    from flows.retrain import retrain_flow
+
+    (tiny_root / ".gitignore").write_text(GITIGNORE)
+    init_project(tiny_root)
+    subprocess.run(["git", "add", "-A"], cwd=tiny_root, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=tiny_root, check=True)
+    config = str(tiny_root / "params.yaml")
+    overrides = ["pretrain.max_steps=4", "data.remote=dvc-remote", "retrain.min_new_documents=5",
+                 "retrain.sft_max_steps=3", "retrain.align_max_steps=2"]
+    first = lifecycle(config, overrides)
+    assert first["deploy"]["decision"] == "promote"
+    settings = cfg.load(config, overrides)
+    champion = first["deploy"]["version"]
+    hash_before = tracking.data_hash(tiny_root)
+
+    window = _window()
+    monitor_id = _monitor_run(settings, window, tmp_path_factory.mktemp("window"))
+    fb = tiny_root / "data" / "feedback" / "feedback-2026-11-30.jsonl"
+    fb.parent.mkdir(parents=True, exist_ok=True)
+    fb.write_text("\n".join(_feedback(window)) + "\n")
+
+    out = retrain_flow(config, overrides)          # no id: the newest monitor run that detected drift
+    assert out["status"] in ("promoted", "rejected") and out["reason"]
+    assert out["monitor_run_id"] == monitor_id and out["version"] != champion
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["retrain_run_id"])
+    assert run.info.run_name == "retrain" and run.data.tags["monitor_run_id"] == monitor_id
+    assert run.data.tags["retrain_status"] == out["status"] and run.info.status == "FINISHED"
+    children = {r.info.run_name for r in tracking.child_runs(settings, out["retrain_run_id"])}
+    assert {"data", "sft", "dpo", "evaluate", "deploy"} <= children
+    for key in ("champion_drifted_bits_per_byte", "challenger_drifted_bits_per_byte",
+                "champion_original_sft_bits_per_byte", "challenger_original_sft_bits_per_byte"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["feedback_dropped"] == 2.0
+    dropped = (tiny_root / "data" / "retrain" / "dropped.jsonl").read_text()
+    assert f"{fb}:31" in dropped and "unknown completion id 'nope'" in dropped
+
+    # A new data version, and a challenger fine-tuned from the champion it was gated against.
+    assert tracking.data_hash(tiny_root) != hash_before
+    mv = client.get_model_version(settings.registry.model_name, out["version"])
+    assert mv.tags["parent_version"] == str(champion)
+    assert mv.tags["gate_decision"] == {"promoted": "promote", "rejected": "reject"}[out["status"]]
+    aliases = client.get_registered_model(settings.registry.model_name).aliases
+    assert (str(aliases["champion"]) == out["version"]) == (out["status"] == "promoted")
+    print("retrain figures:", out["figures"])
+
+    # The same window and feedback again: nothing new to learn from.
+    again = retrain_flow(config, overrides, monitor_run_id=monitor_id)
+    assert again["status"] == "not_enough_data" and "min_new_documents is 5" in again["reason"]
