@@ -290,6 +290,13 @@ class MonitoringConfig(Section):
     webhook_url: str | None = Field(None, description="POST a JSON alert here on drift (null: no webhook)")
     webhook_timeout_s: float = Field(5.0, gt=0, description="seconds before a webhook POST is given up (logged)")
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v
+
     @field_validator("drift_columns")
     @classmethod
     def _known_columns(cls, v: list[str]) -> list[str]:

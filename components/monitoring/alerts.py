@@ -42,9 +42,9 @@ def alert_line(model_name: str, body: dict[str, Any]) -> str:
 def post_webhook(url: str, body: dict[str, Any], timeout_s: float) -> str:
     """POST {"event": EVENT, **body} as JSON; returns "sent (HTTP <code>)" or why it was not, never raises."""
     data = json.dumps({"event": EVENT, **body}, default=str).encode()
-    req = urllib.request.Request(url, data=data, method="POST",
-                                 headers={"Content-Type": "application/json", "User-Agent": "llmcycle-monitor"})
     try:
+        req = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", "User-Agent": "llmcycle-monitor"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return f"sent (HTTP {resp.status})"
     except urllib.error.HTTPError as exc:

@@ -90,6 +90,8 @@ def test_decide_rules_by_hand():
 def test_config_rejects_unknown_columns_and_a_window_below_min():
     with pytest.raises(ValueError, match="unknown drift column"):
         MonitoringConfig(drift_columns=["prompt_lenght"])
+    with pytest.raises(ValueError, match="http:// or https:// URL"):
+        MonitoringConfig(webhook_url="hooks.example.com/x")
     with pytest.raises(ValueError, match="below min_window"):
         MonitoringConfig(window=10, min_window=20)
 
