@@ -266,7 +266,7 @@ DRIFT_COLUMNS = ("prompt", "prompt_chars", "prompt_tokens", "prompt_rare_share",
 
 
 class MonitoringConfig(Section):
-    window: int = Field(200, ge=10, description="requests per drift window (the newest N of the request log)")
+    window: int = Field(100, ge=10, description="requests per drift window (the newest N of the request log)")
     window_minutes: float | None = Field(None, gt=0, description="judge the requests of the last T minutes instead "
                                                                  "of the last `window` (null: count-based)")
     min_window: int = Field(30, ge=2, description="a window with fewer distinct prompts is insufficient_data, "
