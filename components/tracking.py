@@ -17,6 +17,7 @@ import yaml
 
 from components.config import Settings
 from components.errors import TrackingError
+from components.tracking_http import bound_http_retries, check_credentials, check_reachable  # noqa: F401 - re-exported
 
 EXPERIMENT = "llmcycle"
 PARENT_ENV = "LLMCYCLE_PARENT_RUN_ID"
@@ -66,9 +67,12 @@ def configure(settings: Settings) -> str:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         settings.path("mlflow", "artifacts").mkdir(parents=True, exist_ok=True)
     global _LAST_SET_URI
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    named_by_env = env == uri and env != _LAST_SET_URI
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    _LAST_SET_URI = uri
+    # Only a URI we exported ourselves is ignored later; one the user's environment names stays in force.
+    _LAST_SET_URI = None if named_by_env else uri
     client = mlflow.MlflowClient()
     try:
         exp = client.get_experiment_by_name(EXPERIMENT)
@@ -81,43 +85,6 @@ def configure(settings: Settings) -> str:
     except Exception as exc:  # noqa: BLE001 - a locked or broken store: one clear line, not a traceback
         raise store_error(f"opening experiment {EXPERIMENT!r} at {uri}", exc) from None
     return exp_id
-
-
-# Environment names MLflow's REST client reads; params set their defaults, the environment wins.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "request_max_retries",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "request_backoff_factor",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s"}
-_REACHABLE: set[str] = set()
-
-
-def bound_http_retries(settings: Settings) -> None:
-    """Cap MLflow's REST retries (its defaults back off for minutes) from registry.* unless the env sets them."""
-    for env, key in HTTP_ENV.items():
-        os.environ.setdefault(env, str(getattr(settings.registry, key)))
-
-
-def check_reachable(uri: str, timeout_s: float) -> None:
-    """GET <uri>/health once per process; TrackingError naming the URI when nothing answers.
-
-    Any HTTP answer (even 401/403 from an auth proxy) proves a server is there: credentials are
-    then MLflow's to judge, with its own clear message.
-    """
-    import urllib.error
-    import urllib.request
-
-    if uri in _REACHABLE:
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        pass
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); check MLFLOW_TRACKING_URI and that the "
-            f"server runs (timeout {timeout_s:g} s: registry.request_timeout_s or MLFLOW_HTTP_REQUEST_TIMEOUT)"
-        ) from None
-    _REACHABLE.add(uri)
 
 
 def store_error(what: str, exc: Exception) -> TrackingError:

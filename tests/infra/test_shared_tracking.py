@@ -1,0 +1,152 @@
+"""The shared-engine switches against real server processes (no containers, no mocks).
+
+One stack per module, started as infra/ starts it: Postgres (initdb + pg_ctl), moto in server mode
+standing in for MinIO's S3 API, and the MLflow server through infra/mlflow/start.sh with the
+basic-auth app, runs and users in Postgres and artifacts proxied to the S3 stand-in. The project
+reaches it only through MLFLOW_TRACKING_URI + credentials; the DVC remote only through data.remote.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components import config as cfg
+from components import tracking, tracking_http
+from components.errors import TrackingError
+from tests.conftest import write_params
+from tests.infra import servers
+
+pytestmark = pytest.mark.slow
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+ARTIFACT_BUCKET, DVC_BUCKET = "llmcycle-mlflow", "llmcycle-dvc"
+CLIENT_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("stack-logs")
+    with servers.postgres(("mlflow", "mlflow_auth")) as pg, servers.s3_standin(logs) as s3:
+        for bucket in (ARTIFACT_BUCKET, DVC_BUCKET):
+            servers.make_bucket(s3, bucket)
+        with servers.mlflow_server(pg, s3, ARTIFACT_BUCKET, ADMIN_PASSWORD, logs) as url:
+            yield {"mlflow": url, "s3": s3, "pg": pg}
+
+
+@pytest.fixture
+def client_env(stack, monkeypatch):
+    """A laptop pointed at the shared server: URI + credentials, and no S3 credentials (artifacts are proxied)."""
+    for k in CLIENT_VARS + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    monkeypatch.setattr(tracking, "_LAST_SET_URI", None)
+    yield stack
+    tracking._LAST_SET_URI = None
+
+
+@pytest.mark.timeout(240)
+def test_runs_and_registry_go_to_the_shared_server(client_env, tmp_path):
+    """Log a real HF model in a stage run, register it and move `champion`: rows in Postgres, files in S3."""
+    import mlflow
+
+    from components.model.build import load_causal_lm
+    from tests.unit.evaluation.test_evaluate import save_tiny_model
+    from tests.unit.training.helpers import write_tiny_data
+
+    write_params(tmp_path)
+    settings = cfg.load(tmp_path / "params.yaml")
+    assert tracking.tracking_uri(settings) == client_env["mlflow"]
+    tok = write_tiny_data(settings)
+    model, t = load_causal_lm(settings, str(save_tiny_model(settings, tok, tmp_path / "hf")))
+    with tracking.stage_run(settings, "sft") as run:
+        mlflow.log_metric("val_loss", 1.5)
+        uri = tracking.log_hf_model(model, t)
+    mv = tracking.register_model(settings, uri, settings.registry.model_name, stage="sft")
+    tracking.set_alias(settings, settings.registry.model_name, "champion", mv.version)
+
+    champion = tracking.get_alias_version(settings, settings.registry.model_name, "champion")
+    assert champion.version == mv.version and champion.tags["stage"] == "sft"
+    assert champion.tags["params_hash"] == settings.params_hash()
+    # The run's row is in the server's Postgres database, not in a local SQLite file.
+    import psycopg2
+    with psycopg2.connect(f"{client_env['pg']}/mlflow") as conn, conn.cursor() as cur:
+        cur.execute("SELECT name FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+        assert cur.fetchone() == ("sft",)
+    assert not (tmp_path / "mlflow" / "mlflow.db").exists()
+    # The weights went through the server's artifact proxy into the S3 bucket.
+    keys = servers.bucket_keys(client_env["s3"], ARTIFACT_BUCKET)
+    assert any(k.endswith("config.json") for k in keys), keys
+    assert any(k.endswith(".safetensors") for k in keys), keys
+    # ...and come back down for serving.
+    folder = tracking.download_model_dir(settings, f"models:/{settings.registry.model_name}@champion", tmp_path / "dl")
+    assert (folder / "config.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_password_is_one_clear_error(client_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    monkeypatch.setattr(tracking_http, "_REACHABLE", set())  # a fresh process: the probe runs again
+    write_params(tmp_path)
+    settings = cfg.load(tmp_path / "params.yaml")
+    with pytest.raises(TrackingError) as err:
+        tracking.configure(settings)
+    message = str(err.value)
+    assert "\n" not in message
+    assert client_env["mlflow"] in message and "401" in message, message
+    assert "MLFLOW_TRACKING_USERNAME" in message and "not-the-password" not in message, message
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_password_from_the_cli_is_one_line(client_env, tmp_path):
+    write_params(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "promote", "--config", str(tmp_path / "params.yaml")],
+                          env=env, capture_output=True, text=True, cwd=servers.REPO, timeout=55)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server")
+    assert "401" in proc.stderr and client_env["mlflow"] in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_dvc_s3_remote_push_and_pull(stack, tmp_path):
+    """`llmcycle data push` with data.remote=s3://...; a fresh clone's `dvc pull` gets the same bytes back."""
+    env = {**os.environ, **servers.s3_env(stack["s3"])}
+    env.pop("MLFLOW_S3_ENDPOINT_URL")
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project)
+
+    def run(*cmd: str, cwd: Path = project) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=100)
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}"
+        return proc
+
+    dvc = (sys.executable, "-m", "dvc")
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    data = project / "data" / "corpus.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"id": 1, "text": "def f():\\n    return 1\\n"}\n')
+    run(*dvc, "add", "data/corpus.jsonl")
+    remote = f"s3://{DVC_BUCKET}/team/data"
+    out = run(sys.executable, "-m", "flows.cli", "data", "push", "--config", str(project / "params.yaml"),
+              "--set", f"data.remote={remote}")
+    assert remote in out.stdout
+    keys = servers.bucket_keys(stack["s3"], DVC_BUCKET)
+    assert any(k.startswith("team/data/files/md5/") for k in keys), keys
+
+    # Another machine: clone the git side only, point at the same remote, pull.
+    clone = tmp_path / "clone"
+    run("git", "add", "-A")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "data")
+    run("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    run(*dvc, "remote", "add", "--local", "-f", "-d", "llmcycle", remote, cwd=clone)
+    run(*dvc, "pull", "-r", "llmcycle", "data/corpus.jsonl.dvc", cwd=clone)
+    assert (clone / "data" / "corpus.jsonl").read_bytes() == data.read_bytes()
