@@ -170,7 +170,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds (HF then engine in each); medians reported")
     ap.add_argument("--int8", action="store_true", help="torch.ao dynamic int8 linear layers (CPU)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides and the HTTP server "
+                    "(0: torch's default, 2 here); 1 is steadier when other processes take a core")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     b = make_bench(args)
     b.engine = Engine(b.model, b.tokenizer, max_batch=args.concurrency, max_queue=4 * args.concurrency)

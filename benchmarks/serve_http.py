@@ -45,7 +45,9 @@ class Server:
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+        import torch
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+               "OMP_NUM_THREADS": str(torch.get_num_threads())}   # the bench's --threads, for the server too
         self.log = open(root / "server.log", "w")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("llmcycle")), "serve", "--config", str(root / "params.yaml"),
