@@ -7,10 +7,12 @@ reaches it only through MLFLOW_TRACKING_URI + credentials; the DVC remote only t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -37,59 +39,75 @@ def stack(tmp_path_factory):
             yield {"mlflow": url, "s3": s3, "pg": pg}
 
 
-@pytest.fixture
-def client_env(stack, monkeypatch):
+def client_vars(stack) -> dict[str, str]:
     """A laptop pointed at the shared server: URI + credentials, and no S3 credentials (artifacts are proxied)."""
-    for k in CLIENT_VARS + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
-    monkeypatch.setattr(tracking, "_LAST_SET_URI", None)
-    yield stack
+    return {"MLFLOW_TRACKING_URI": stack["mlflow"], "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+
+
+@contextlib.contextmanager
+def as_client(stack) -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        for k in CLIENT_VARS + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(k, raising=False)
+        for k, v in client_vars(stack).items():
+            mp.setenv(k, v)
+        mp.setattr(tracking, "_LAST_SET_URI", None)
+        yield mp
     tracking._LAST_SET_URI = None
 
 
-@pytest.mark.timeout(240)
-def test_runs_and_registry_go_to_the_shared_server(client_env, tmp_path):
-    """Log a real HF model in a stage run, register it and move `champion`: rows in Postgres, files in S3."""
+@pytest.fixture
+def client_env(stack):
+    with as_client(stack) as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def champion(stack, tmp_path_factory):
+    """A real HF model logged in a stage run, registered and made `champion` on the shared server."""
     import mlflow
 
     from components.model.build import load_causal_lm
     from tests.unit.evaluation.test_evaluate import save_tiny_model
     from tests.unit.training.helpers import write_tiny_data
 
-    write_params(tmp_path)
-    settings = cfg.load(tmp_path / "params.yaml")
-    assert tracking.tracking_uri(settings) == client_env["mlflow"]
-    tok = write_tiny_data(settings)
-    model, t = load_causal_lm(settings, str(save_tiny_model(settings, tok, tmp_path / "hf")))
-    with tracking.stage_run(settings, "sft") as run:
-        mlflow.log_metric("val_loss", 1.5)
-        uri = tracking.log_hf_model(model, t)
-    mv = tracking.register_model(settings, uri, settings.registry.model_name, stage="sft")
-    tracking.set_alias(settings, settings.registry.model_name, "champion", mv.version)
+    root = tmp_path_factory.mktemp("project")
+    with as_client(stack):
+        write_params(root)
+        settings = cfg.load(root / "params.yaml")
+        assert tracking.tracking_uri(settings) == stack["mlflow"]
+        tok = write_tiny_data(settings)
+        model, t = load_causal_lm(settings, str(save_tiny_model(settings, tok, root / "hf")))
+        with tracking.stage_run(settings, "sft") as run:
+            mlflow.log_metric("val_loss", 1.5)
+            uri = tracking.log_hf_model(model, t)
+        mv = tracking.register_model(settings, uri, settings.registry.model_name, stage="sft")
+        tracking.set_alias(settings, settings.registry.model_name, "champion", mv.version)
+    return {"settings": settings, "run_id": run.info.run_id, "version": mv.version}
 
-    champion = tracking.get_alias_version(settings, settings.registry.model_name, "champion")
-    assert champion.version == mv.version and champion.tags["stage"] == "sft"
-    assert champion.tags["params_hash"] == settings.params_hash()
-    # The run's row is in the server's Postgres database, not in a local SQLite file.
+
+@pytest.mark.timeout(240)
+def test_runs_and_registry_go_to_the_shared_server(stack, champion, client_env, tmp_path):
+    """Rows in the server's Postgres, weights in S3 through the server's proxy, and back down for serving."""
+    settings = champion["settings"]
+    found = tracking.get_alias_version(settings, settings.registry.model_name, "champion")
+    assert found.version == champion["version"] and found.tags["stage"] == "sft"
+    assert found.tags["params_hash"] == settings.params_hash()
     import psycopg2
-    with psycopg2.connect(f"{client_env['pg']}/mlflow") as conn, conn.cursor() as cur:
-        cur.execute("SELECT name FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+    with psycopg2.connect(f"{stack['pg']}/mlflow") as conn, conn.cursor() as cur:
+        cur.execute("SELECT name FROM runs WHERE run_uuid = %s", (champion["run_id"],))
         assert cur.fetchone() == ("sft",)
-    assert not (tmp_path / "mlflow" / "mlflow.db").exists()
-    # The weights went through the server's artifact proxy into the S3 bucket.
-    keys = servers.bucket_keys(client_env["s3"], ARTIFACT_BUCKET)
+    assert not settings.path("mlflow", "mlflow.db").exists()
+    keys = servers.bucket_keys(stack["s3"], ARTIFACT_BUCKET)
     assert any(k.endswith("config.json") for k in keys), keys
     assert any(k.endswith(".safetensors") for k in keys), keys
-    # ...and come back down for serving.
     folder = tracking.download_model_dir(settings, f"models:/{settings.registry.model_name}@champion", tmp_path / "dl")
     assert (folder / "config.json").exists()
 
 
 @pytest.mark.timeout(60)
-def test_a_wrong_password_is_one_clear_error(client_env, tmp_path, monkeypatch):
+def test_a_wrong_password_is_one_clear_error(stack, client_env, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
     monkeypatch.setattr(tracking_http, "_REACHABLE", set())  # a fresh process: the probe runs again
     write_params(tmp_path)
@@ -98,12 +116,12 @@ def test_a_wrong_password_is_one_clear_error(client_env, tmp_path, monkeypatch):
         tracking.configure(settings)
     message = str(err.value)
     assert "\n" not in message
-    assert client_env["mlflow"] in message and "401" in message, message
+    assert stack["mlflow"] in message and "401" in message, message
     assert "MLFLOW_TRACKING_USERNAME" in message and "not-the-password" not in message, message
 
 
 @pytest.mark.timeout(60)
-def test_a_wrong_password_from_the_cli_is_one_line(client_env, tmp_path):
+def test_a_wrong_password_from_the_cli_is_one_line(stack, client_env, tmp_path):
     write_params(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "promote", "--config", str(tmp_path / "params.yaml")],
@@ -111,7 +129,7 @@ def test_a_wrong_password_from_the_cli_is_one_line(client_env, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server")
-    assert "401" in proc.stderr and client_env["mlflow"] in proc.stderr, proc.stderr[-2000:]
+    assert "401" in proc.stderr and stack["mlflow"] in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.timeout(120)
@@ -150,3 +168,35 @@ def test_dvc_s3_remote_push_and_pull(stack, tmp_path):
     run(*dvc, "remote", "add", "--local", "-f", "-d", "llmcycle", remote, cwd=clone)
     run(*dvc, "pull", "-r", "llmcycle", "data/corpus.jsonl.dvc", cwd=clone)
     assert (clone / "data" / "corpus.jsonl").read_bytes() == data.read_bytes()
+
+
+@pytest.mark.timeout(300)
+def test_two_replicas_share_one_rate_limit_through_redis(stack, champion, tmp_path):
+    """compose's server-1 and server-2: the champion from the shared MLflow, limits in one real redis-server.
+    3 requests a minute for the key in all: the 4th, sent to the replica that has seen only one, gets 429."""
+    import httpx
+
+    key = "sk-infra-test"
+    env = {**os.environ, **client_vars(stack), "LLMCYCLE_API_KEYS": key, "LLMCYCLE_ADMIN_KEY": "sk-infra-admin",
+           "PYTHONPATH": str(servers.REPO)}
+    with servers.redis(tmp_path) as redis_url, contextlib.ExitStack() as replicas:
+        bases, procs = [], []
+        for i in (1, 2):
+            root = tmp_path / f"replica{i}"
+            root.mkdir()
+            write_params(root, {"serving": {"poll_interval_s": 0, "rate_limit": {"requests_per_minute": 3}}})
+            port = servers.free_port()
+            cmd = [sys.executable, "-m", "flows.cli", "serve", "--config", str(root / "params.yaml"), "--port", str(port),
+                   "--set", f"serving.rate_limit.storage={redis_url}"]
+            procs.append((replicas.enter_context(servers.process(cmd, root / "serve.log", env=env, cwd=servers.REPO)),
+                          root / "serve.log"))
+            bases.append(f"http://127.0.0.1:{port}")
+        for base, (proc, log) in zip(bases, procs):
+            servers.wait_http(f"{base}/readyz", proc, log, timeout_s=240)
+        statuses = []
+        for base in (bases[0], bases[1], bases[0], bases[1]):
+            r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                           json={"model": "llmcycle", "prompt": "def f(", "max_tokens": 2, "temperature": 0})
+            statuses.append(r.status_code)
+        assert statuses == [200, 200, 200, 429], statuses
+        assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "rate_limit_exceeded"
