@@ -39,16 +39,20 @@ def finetune_task(config: str, overrides: list[str], champion_uri: str) -> dict:
 
 
 @task(name="old-vs-new")
-def compare_task(config: str, overrides: list[str], champion_uri: str, challenger_uri: str) -> dict[str, float]:
-    """Both models on the held-out drifted slice and on the SFT test split from before this data version."""
+def compare_task(config: str, overrides: list[str], champion: str, challenger: str) -> dict[str, float]:
+    """Both versions on the held-out drifted slice and the SFT test split from before this data version,
+    plus the gate's own figures (raw test split, today's SFT test split)."""
     from components.data import io
     from components.monitoring.feedback import retrain_dir
-    from components.monitoring.retrain import bits_per_byte
+    from components.monitoring.retrain import bits_per_byte, gate_figures
 
     settings = cfg.load(config, overrides)
-    sets = {name: [row for _, row in io.read_jsonl(retrain_dir(settings) / f"{file}.jsonl")]
-            for name, file in (("drifted", "holdout"), ("original_sft", "original_test"))}
-    return bits_per_byte(settings, {"champion": champion_uri, "challenger": challenger_uri}, sets)
+    name = settings.registry.model_name
+    sets = {label: [row for _, row in io.read_jsonl(retrain_dir(settings) / f"{file}.jsonl")]
+            for label, file in (("drifted", "holdout"), ("original_sft", "original_test"))}
+    versions = {"champion": champion, "challenger": challenger}
+    figures = bits_per_byte(settings, {k: f"models:/{name}/{v}" for k, v in versions.items()}, sets)
+    return {**figures, **gate_figures(settings, versions)}
 
 
 def training_overrides(settings: cfg.Settings, champion_uri: str) -> list[str]:
@@ -135,10 +139,7 @@ def _retrain(config: str, overrides: list[str], settings: cfg.Settings, monitor_
     trained = finetune_task(config, ov, champion_uri)
     ev = evaluate_flow(config, ov, model_uri=trained["model_uri"], label="retrain")
     gate = deploy_flow(config, ov, ev["model_uri"], ev["metrics"], eval_run_id=ev["run_id"])
-    figures = compare_task(config, ov, champion_uri, ev["model_uri"])
-    for key in ("test_bits_per_byte", "sft_bits_per_byte"):
-        if key in ev["metrics"]:
-            figures[f"challenger_{key}"] = ev["metrics"][key]
+    figures = compare_task(config, ov, str(champ.version), str(gate["version"]))
     for key, value in figures.items():
         client.log_metric(run_id, key, float(value))
     status = "promoted" if gate["decision"] == "promote" else "rejected"

@@ -120,3 +120,21 @@ def bits_per_byte(settings: Settings, models: dict[str, str], sets: dict[str, li
                                                                   ).bits_per_byte
         del model
     return out
+
+
+def gate_figures(settings: Settings, versions: dict[str, str]) -> dict[str, float]:
+    """{<label>_test_bits_per_byte, <label>_sft_bits_per_byte} of registered versions on today's data: the
+    scorecards the gate used (cached per version and data hash, so nothing is scored twice)."""
+    import mlflow
+
+    from components.evaluation import scorecard
+
+    tracking.configure(settings)
+    client = mlflow.MlflowClient()
+    out: dict[str, float] = {}
+    for label, version in versions.items():
+        card, _ = scorecard.for_version(settings, client.get_model_version(settings.registry.model_name, version))
+        for key in ("test_bits_per_byte", "sft_bits_per_byte"):
+            if key in card.metrics:
+                out[f"{label}_{key}"] = float(card.metrics[key])
+    return out

@@ -4,7 +4,9 @@ gate, every run linked to the monitor run; the same feedback again is not_enough
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,6 @@ import pytest
 from components import config as cfg
 from components import tracking
 from tests.flows.conftest import init_project, prefect_harness  # noqa: F401 - the session's Prefect server
-
-pytestmark = pytest.mark.slow
 
 GITIGNORE = "data/\nmlflow/\ncheckpoints/\n.prefect/\ndvc-remote/\n"
 
@@ -54,6 +54,7 @@ def _monitor_run(settings, window: list[dict], tmp: Path) -> str:
     return run.info.run_id
 
 
+@pytest.mark.slow
 def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     import mlflow
 
@@ -71,7 +72,7 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     assert first["deploy"]["decision"] == "promote"
     settings = cfg.load(config, overrides)
     champion = first["deploy"]["version"]
-    hash_before = tracking.data_hash(tiny_root)
+    hash_before, lock_before = tracking.data_hash(tiny_root), tracking.dvc_lock_hashes(tiny_root)
 
     window = _window()
     monitor_id = _monitor_run(settings, window, tmp_path_factory.mktemp("window"))
@@ -90,7 +91,8 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     children = {r.info.run_name for r in tracking.child_runs(settings, out["retrain_run_id"])}
     assert {"data", "sft", "dpo", "evaluate", "deploy"} <= children
     for key in ("champion_drifted_bits_per_byte", "challenger_drifted_bits_per_byte",
-                "champion_original_sft_bits_per_byte", "challenger_original_sft_bits_per_byte"):
+                "champion_original_sft_bits_per_byte", "challenger_original_sft_bits_per_byte",
+                "champion_test_bits_per_byte", "challenger_test_bits_per_byte"):
         assert key in run.data.metrics, key
     assert run.data.metrics["feedback_dropped"] == 2.0
     dropped = (tiny_root / "data" / "retrain" / "dropped.jsonl").read_text()
@@ -98,6 +100,11 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
 
     # A new data version, and a challenger fine-tuned from the champion it was gated against.
     assert tracking.data_hash(tiny_root) != hash_before
+    lock_after = tracking.dvc_lock_hashes(tiny_root)
+    assert lock_after["data/processed/sft"] != lock_before["data/processed/sft"]
+    # Same corpus, same tokenizer: the champion's token ids still mean what they meant.
+    for path in ("data/raw", "data/processed/tokenizer", "data/processed/tokens"):
+        assert lock_after[path] == lock_before[path], path
     mv = client.get_model_version(settings.registry.model_name, out["version"])
     assert mv.tags["parent_version"] == str(champion)
     assert mv.tags["gate_decision"] == {"promoted": "promote", "rejected": "reject"}[out["status"]]
@@ -108,3 +115,25 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     # The same window and feedback again: nothing new to learn from.
     again = retrain_flow(config, overrides, monitor_run_id=monitor_id)
     assert again["status"] == "not_enough_data" and "min_new_documents is 5" in again["reason"]
+
+
+def _llmcycle(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """The real command in its own process, on the session's Prefect test server (as tests/e2e do)."""
+    import prefect.settings
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("LLMCYCLE_")}
+    env["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_exit_codes(tiny_root: Path):
+    config = str(tiny_root / "params.yaml")
+    r = _llmcycle(tiny_root, "retrain", "--config", config, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "not_enough_data" and "no monitor run with drift_detected=1" in out["reason"]
+    r = _llmcycle(tiny_root, "retrain", "--config", config, "--monitor-run", "0" * 32)
+    assert r.returncode == 2 and f"--monitor-run {'0' * 32}: no such run" in r.stderr, r.stderr[-2000:]
+    r = _llmcycle(tiny_root, "retrain", "--config", config, "--set", "retrain.holdout_share=1.5")
+    assert r.returncode == 2 and "retrain.holdout_share" in r.stderr
