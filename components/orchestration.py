@@ -56,18 +56,23 @@ class LocalServer:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the server's process group (uvicorn + services), SIGKILL what outlives the timeout."""
-        proc = self.process
-        if proc is None or proc.poll() is not None:
+        """Stop the server's process group (uvicorn + services)."""
+        if self.process is not None:
+            stop_group(self.process, timeout_s)
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group of a child started with start_new_session, SIGKILL what outlives timeout_s."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
             return
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def start_server(home: Path, port: int | None = None, ui: bool = True, timeout_s: float = 120.0) -> LocalServer:

@@ -39,7 +39,7 @@ def ensure_server_task(config: str, overrides: list[str]) -> dict:
     started = start_server(settings, config, overrides, url)
     if not started["ok"]:
         raise RuntimeError(f"closed loop: no model server: {started['message']}")
-    print(started["message"])
+    say(started["message"])
     return {"url": url, "action": "started", "version": (_readyz(url) or {}).get("version"), "pid": started["pid"]}
 
 
@@ -49,7 +49,7 @@ def traffic_task(config: str, overrides: list[str], url: str, profile: str, n: i
 
     summary = run_traffic(cfg.load(config, overrides), url, profile, n, feedback=feedback, seed=seed)
     for line in summary.lines():
-        print(line)
+        say(line)
     return summary.as_dict()
 
 
@@ -64,7 +64,7 @@ def await_retrain_task(config: str, overrides: list[str], monitor_run_id: str, t
     run = triggered_run(deployment.id, "monitor_run_id", monitor_run_id, timeout_s=120)
     if run is None:
         return {"state": "MISSING", "message": f"no retrain run was triggered for monitor run {monitor_run_id} in 120 s"}
-    print(f"retrain flow run {run.name} ({run.id}) started by {_creator(run)}; waiting for it")
+    say(f"retrain flow run {run.name} ({run.id}) started by {_creator(run)}; waiting for it")
     run = wait_final(run.id, timeout_s)
     out = {"flow_run": run.name, "flow_run_id": str(run.id), "state": run.state.type.value,
            "message": run.state.message or "", "created_by": _creator(run)}
@@ -90,6 +90,16 @@ def await_swap_task(url: str, version: str, timeout_s: float) -> dict:
             return {"swapped": True, "version": ready.get("version"), "loaded_at": ready.get("loaded_at")}
         time.sleep(1.0)
     return {"swapped": False, "version": ready.get("version"), "error": ready.get("last_reload_error")}
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (the CLI keeps Prefect's own log at WARNING) and in the run log."""
+    sys.stderr.write(f"closed loop: {line}\n")
+    sys.stderr.flush()
+    with contextlib.suppress(Exception):      # outside a flow or task run there is no run logger
+        from prefect import get_run_logger
+
+        get_run_logger().info(line)
 
 
 def _readyz(url: str) -> dict | None:
@@ -124,13 +134,15 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
     loop = settings.loop
     out: dict[str, Any] = {"lifecycle": lifecycle(config, overrides)}
     out["champion_before"] = _champion(settings)
+    say(f"lifecycle done; champion v{out['champion_before']}; checking the model server")
     server = out["server"] = ensure_server_task(config, overrides)
     for stage, profile, n, feedback, seed in (
             ("baseline", "stdlib", loop.baseline_requests or settings.monitoring.window, False, 1),
             ("drifted", "tests", loop.drift_requests or settings.monitoring.window, loop.feedback, 2)):
+        say(f"{stage} traffic: {n} {profile} requests{' with feedback' if feedback else ''} to {server['url']}")
         out[f"{stage}_traffic"] = traffic_task(config, overrides, server["url"], profile, n, feedback, seed)
         mon = out[f"{stage}_monitor"] = monitor_flow(config, overrides, window=n)
-        print(f"monitor after {stage} traffic: {mon['decision']}")
+        say(f"monitor after {stage} traffic: {mon['decision']} ({mon.get('reason', '')})")
         if mon["decision"] == "drift":
             # Each drift event starts a retrain; wait for it before the next stage, so a second event is
             # never cancelled by the deployment's concurrency limit while the first retrain still runs.
@@ -146,6 +158,7 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
 @contextlib.contextmanager
 def served_deployments(settings: cfg.Settings, config: str, overrides: list[str], api_url: str) -> Iterator[Path]:
     """`llmcycle schedule --no-cron` as a child (its log in .prefect/schedule.log) until the block ends."""
+    from components.orchestration import stop_group
     from flows.deployments import wait_for_deployment
 
     log_path = settings.path(".prefect", "schedule.log")
@@ -164,12 +177,7 @@ def served_deployments(settings: cfg.Settings, config: str, overrides: list[str]
             raise RuntimeError(f"closed loop: `llmcycle schedule` did not serve the retrain deployment; see {log_path}")
         yield log_path
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)    # SIGTERM: the runner shuts down, `schedule` exits
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_group(proc, 30)        # SIGTERM: the runner shuts down, `schedule` exits
 
 
 def run_loop(settings: cfg.Settings, config: str, overrides: list[str]) -> dict:
@@ -177,7 +185,7 @@ def run_loop(settings: cfg.Settings, config: str, overrides: list[str]) -> dict:
     from flows.cli_schedule import prefect_server_for, ui_url
 
     with prefect_server_for(settings) as api_url:
-        print(f"Prefect API {api_url} (UI {ui_url(api_url)}, open while the loop runs)")
+        say(f"Prefect API {api_url} (UI {ui_url(api_url)}, open while the loop runs)")
         with served_deployments(settings, config, overrides, api_url):
             result = closed_loop(config, overrides)
     result["prefect_api"] = api_url
@@ -236,9 +244,13 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+DOMAINS = {"drifted": "drifted domain (held-out slice of the drifted window)",
+           "original_sft": "original domain (SFT test split before retraining)"}
+
+
 def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]]:
-    """The last retrain that scored old vs new, and its (domain, old champion, challenger) bits per byte; the old
-    champion's test figure comes from the lifecycle's evaluation when the lifecycle trained it."""
+    """The last retrain that scored old vs new, and (domain, old champion, challenger) bits per byte: only
+    figures the retrain run measured for both models on the same rows (its champion_/challenger_ pairs)."""
     import re
 
     rt = next((result[k] for k in ("drifted_retrain", "baseline_retrain") if (result.get(k) or {}).get("metrics")),
@@ -248,14 +260,8 @@ def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]
         m = re.match(r"^(champion|challenger)_(.+)_bits_per_byte$", key)
         if m:
             table.setdefault(m.group(2), {})[m.group(1)] = value
-    life = result.get("lifecycle") or {}
-    if table and (life.get("deploy") or {}).get("version") == result.get("champion_before") and life.get("evaluate"):
-        for domain in ("test", "sft"):
-            old = life["evaluate"]["metrics"].get(f"{domain}_bits_per_byte")
-            if old is not None and domain in table:
-                table[domain].setdefault("champion", old)
-    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    return rt, [(domain, fmt(v.get("champion")), fmt(v.get("challenger"))) for domain, v in sorted(table.items())]
+    return rt, [(DOMAINS.get(domain, domain), f"{v['champion']:.4f}", f"{v['challenger']:.4f}")
+                for domain, v in sorted(table.items()) if {"champion", "challenger"} <= set(v)]
 
 
 def print_loop_summary(result: dict) -> None:

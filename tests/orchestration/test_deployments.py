@@ -7,13 +7,12 @@ trigger, concurrency limit and serving code are the project's (flows/deployments
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
+from components.orchestration import stop_group
 from tests.conftest import write_params
 from tests.orchestration.conftest import REPO, child_env, client_for, emit_drift, wait_for
 
@@ -35,15 +34,14 @@ def served(prefect_server, tmp_path_factory):
         with client_for(prefect_server.api_url) as client:
             def deployed():
                 assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
-                try:
-                    return client.read_deployment_by_name("lifecycle/lifecycle")
+                try:        # serve registers them one after the other
+                    return [client.read_deployment_by_name(f"{n}/{n}") for n in ("monitor", "retrain", "lifecycle")]
                 except Exception:  # noqa: BLE001 (ObjectNotFound until serve has applied them)
                     return None
             wait_for(deployed, 120, "the served deployments")
         yield {"root": root, "config": config, "env": env, "api_url": prefect_server.api_url}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        stop_group(proc, 30)
         log.close()
 
 
@@ -88,6 +86,14 @@ def test_drift_event_starts_one_retrain_and_a_second_event_meanwhile_starts_none
                                  and r.state and r.state.is_final()], 90, "the first retrain to finish")
         assert done[0].state_type.value == "COMPLETED"
         all_runs = _runs(client, retrain.id)
+    # The closed loop's helpers find the run by its parameter; the server's automation created it.
+    from flows.deployments import api_settings, triggered_run, wait_final
+
+    with api_settings(served["api_url"]):
+        found = triggered_run(retrain.id, "monitor_run_id", "m-1", timeout_s=5)
+        assert found is not None and wait_final(found.id, 5).state_type.value == "COMPLETED"
+        assert triggered_run(retrain.id, "monitor_run_id", "m-other", timeout_s=1) is None
+    assert found.created_by is not None and found.created_by.type == "AUTOMATION", found.created_by
     # Exactly one retrain executed, with the payload's monitor run id and the deployment's config.
     executed = [json.loads(p.read_text()) for p in markers.glob("*.json")]
     assert executed == [{"config": str(served["config"]), "overrides": ["sft.max_steps=2"], "monitor_run_id": "m-1"}]

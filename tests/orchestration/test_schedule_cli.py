@@ -37,9 +37,9 @@ def test_schedule_starts_its_own_server_serves_and_stops_it(tmp_path):
         api_url = wait_for(announced, 120, "`llmcycle schedule` to announce its server").group(1)
         assert healthy(api_url)
         with client_for(api_url) as client:
-            retrain = wait_for(lambda: _deployment(client, "retrain/retrain"), 60, "the retrain deployment")
-            monitor = client.read_deployment_by_name("monitor/monitor")
-            lifecycle = client.read_deployment_by_name("lifecycle/lifecycle")
+            # serve registers them one after the other
+            retrain, monitor, lifecycle = [wait_for(lambda: _deployment(client, name), 60, name)
+                                           for name in ("retrain/retrain", "monitor/monitor", "lifecycle/lifecycle")]
         assert monitor.schedules == [] and lifecycle.schedules == []      # --no-cron
         assert retrain.parameters == {"config": str(config), "overrides": [], "monitor_run_id": None}
         assert retrain.entrypoint.endswith("flows/retrain.py:retrain_flow")

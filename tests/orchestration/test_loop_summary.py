@@ -1,0 +1,57 @@
+"""The closed loop's summary tables from a loop result (flows/loop.py): what a reader of `make run` sees."""
+from __future__ import annotations
+
+from flows.loop import champion_rows, summary_rows
+
+LIFECYCLE = {"lifecycle_run_id": "L1", "deploy": {"decision": "promote", "version": "1", "reason": "no champion"}}
+SERVER = {"action": "started", "url": "http://127.0.0.1:8000", "version": "1"}
+
+
+def _rows(result):
+    return {stage: (run, text) for stage, run, text in summary_rows(result)}
+
+
+def test_a_promoting_loop_lists_every_stage_with_its_run_and_the_swap():
+    result = {"lifecycle": LIFECYCLE, "server": SERVER, "champion_before": "1", "champion_after": "2",
+              "baseline_traffic": {"profile": "stdlib", "sent": 50, "ok": 50, "versions": {"1": 50}},
+              "baseline_monitor": {"decision": "no_drift", "monitor_run_id": "M1", "drift_share": 0.2,
+                                   "drifted_columns": ["prompt_chars"], "n_current": 50, "event_id": None},
+              "drifted_traffic": {"profile": "tests", "sent": 50, "ok": 49, "versions": {"1": 49},
+                                  "feedback": {"down": 3, "corrected": 2}},
+              "drifted_monitor": {"decision": "drift", "monitor_run_id": "M2", "drift_share": 0.8, "n_current": 50,
+                                  "drifted_columns": ["prompt", "a", "b", "c", "d"], "event_id": "E"},
+              "drifted_retrain": {"flow_run": "calm-fox", "state": "COMPLETED", "created_by": "AUTOMATION x",
+                                  "run_id": "R1", "status": "promoted", "version": "2", "reason": "better",
+                                  "deploy_run_id": "D1",
+                                  "metrics": {"champion_drifted_bits_per_byte": 2.5,
+                                              "challenger_drifted_bits_per_byte": 2.25,
+                                              "champion_original_sft_bits_per_byte": 1.5,
+                                              "challenger_original_sft_bits_per_byte": 1.5,
+                                              "challenger_test_bits_per_byte": 1.9}},
+              "swap": {"swapped": True, "version": "2"}}
+    rows = _rows(result)
+    assert rows["lifecycle"][0] == "L1" and rows["monitor (baseline)"][0] == "M1"
+    assert rows["monitor (drifted)"] == ("M2", "drift (window 50, drift share 0.80: prompt, a, b +2 more); "
+                                               "event emitted")
+    assert rows["retrain (drifted)"][0] == "R1" and "started by AUTOMATION" in rows["retrain (drifted)"][1]
+    assert rows["gate"] == ("D1", "promoted v2: better")
+    assert rows["drifted traffic"][1] == "tests: 49/50 ok, served by v1 49; feedback corrected 2, down 3"
+    assert rows["swap"][1] == "server serves v2" and rows["champion"][1] == "v1 -> v2"
+    rt, table = champion_rows(result)
+    # Only figures measured for both models on the same rows: the challenger-only test figure is left out.
+    assert rt is result["drifted_retrain"] and [r[1:] for r in table] == [("2.5000", "2.2500"), ("1.5000", "1.5000")]
+    assert table[0][0].startswith("drifted domain") and table[1][0].startswith("original domain")
+
+
+def test_a_cancelled_retrain_says_why_and_nothing_swaps():
+    result = {"lifecycle": LIFECYCLE, "server": SERVER, "champion_before": "1", "champion_after": "1",
+              "drifted_monitor": {"decision": "drift", "monitor_run_id": "M2", "drift_share": 0.8, "n_current": 50,
+                                  "drifted_columns": ["prompt"], "event_id": "E"},
+              "drifted_retrain": {"flow_run": "odd-cat", "state": "CANCELLED", "created_by": "AUTOMATION x",
+                                  "message": "Deployment concurrency limit reached."}}
+    rows = _rows(result)
+    assert rows["retrain (drifted)"] == ("", "Prefect run odd-cat CANCELLED, started by AUTOMATION x: "
+                                             "Deployment concurrency limit reached.")
+    assert "gate" not in rows
+    assert rows["swap"][1] == "champion unchanged: nothing to swap" and rows["champion"][1] == "v1 (kept)"
+    assert champion_rows(result) == (None, [])
