@@ -1,0 +1,90 @@
+"""The Prefect side of infra/ for real: `prefect server start` on Postgres, a process work pool, the
+project's deployments registered from infra/prefect/prefect.yaml with `prefect deploy`, and a
+`prefect worker` that runs the `monitor` deployment as a child process (on a tiny temp project, so
+the run reads and writes nothing of the checkout). The drift trigger of `retrain` is read back from
+the server as the automation Prefect made of it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.infra import servers
+from tests.serving.server_helpers import build_registry
+
+pytestmark = pytest.mark.slow
+POOL = "llmcycle-process"
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def write_requests(settings, n: int) -> None:
+    """n served requests in the server's own request log format (components/serving/request_log.py)."""
+    from components.serving.request_log import RequestLog
+
+    log = RequestLog(settings.path(settings.serving.log_dir))
+    for i in range(n):
+        log.log({"id": f"cmpl-{i}", "index": 0, "endpoint": "/v1/completions", "model": "llmcycle@champion",
+                 "version": "1", "key_id": "k-infra", "prompt": f"def f{i}(", "completion": "x):\n    return x",
+                 "prompt_tokens": 3, "completion_tokens": 5, "latency_s": 0.05, "finish_reason": "length"})
+    log.flush()
+    log.close()
+
+
+@pytest.mark.timeout(420)
+def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
+    import httpx
+
+    with servers.postgres(("prefect",)) as pg:
+        port = servers.free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        base_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PATH": f"{servers.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            base_env.pop(k, None)
+        server_env = {**base_env, "PREFECT_UI_ENABLED": "false",
+                      "PREFECT_API_DATABASE_CONNECTION_URL": pg.replace("postgresql://", "postgresql+asyncpg://") + "/prefect"}
+        # What compose gives the worker (the image sets LLMCYCLE_APP_DIR=/app; here: this checkout).
+        client_env = {**base_env, "PREFECT_API_URL": api, "PREFECT_WORK_POOL": POOL, "LLMCYCLE_APP_DIR": str(servers.REPO),
+                      "LLMCYCLE_DVC_REMOTE": str(tmp_path / "dvc-remote"), "PREFECT_WORKER_QUERY_SECONDS": "2",
+                      "PYTHONPATH": str(servers.REPO)}
+
+        def cli(*args: str) -> None:
+            proc = subprocess.run(args, env=client_env, cwd=servers.REPO, capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+
+        cmd = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        with servers.process(cmd, tmp_path / "server.log", env=server_env) as server:
+            servers.wait_http(f"{api}/health", server, tmp_path / "server.log", timeout_s=180)
+            cli("prefect", "work-pool", "create", POOL, "--type", "process", "--overwrite")
+            cli("prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect/prefect.yaml")
+
+            http = httpx.Client(base_url=api, timeout=30)
+            deployments = {d["name"]: d for d in http.post("/deployments/filter", json={}).json()}
+            assert set(deployments) == {"lifecycle", "monitor", "retrain"}
+            assert {d["work_pool_name"] for d in deployments.values()} == {POOL}
+            assert deployments["monitor"]["schedules"][0]["schedule"]["cron"] == "0 * * * *"
+            automations = http.post("/automations/filter", json={}).json()
+            [trigger] = [a["trigger"] for a in automations
+                         if a["actions"][0].get("deployment_id") == deployments["retrain"]["id"]]
+            assert trigger["expect"] == ["llmcycle.drift.detected"]
+
+            project = tmp_path / "project"
+            project.mkdir()
+            settings = build_registry(project)  # a tiny project with a champion: the monitor's model
+            write_requests(settings, 3)          # fewer than monitoring.min_window: nothing to judge yet
+            run = http.post(f"/deployments/{deployments['monitor']['id']}/create_flow_run", json={"parameters": {
+                "config": str(project / "params.yaml"), "overrides": [f"data.remote={tmp_path / 'dvc-remote'}"]}}).json()
+            worker_cmd = ["prefect", "worker", "start", "--pool", POOL, "--type", "process"]
+            with servers.process(worker_cmd, tmp_path / "worker.log", env=client_env) as worker:
+                deadline = time.monotonic() + 300
+                state = run["state"]["type"]
+                while state not in FINAL and time.monotonic() < deadline and worker.poll() is None:
+                    time.sleep(2)
+                    state = http.get(f"/flow_runs/{run['id']}").json()["state"]["type"]
+            log = (tmp_path / "worker.log").read_text()[-4000:]
+            assert state == "COMPLETED", f"monitor run ended {state}:\n{log}"
+            # The flow ran on the tiny project and judged its (empty) traffic: nothing to compare yet.
+            assert "monitor: insufficient_data" in log, log
