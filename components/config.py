@@ -281,10 +281,10 @@ class MonitoringConfig(Section):
     reference_splits: list[Literal["train", "val", "test"]] = Field(
         default_factory=lambda: ["val", "test"], description="held-out SFT splits whose prompts form the reference")
     reference_size: int = Field(300, ge=10, description="most reference prompts (a fixed-seed sample)")
-    reference_temperature: float = Field(1.0, ge=0, description="sampling temperature of the champion's reference "
-                                         "completions: match the traffic's (the API default is 1.0)")
-    reference_max_tokens: int | None = Field(None, ge=1, description="reference completion length; null: "
-                                                                     "serving.max_new_tokens (the API default)")
+    reference_temperature: float = Field(0.0, ge=0, description="sampling temperature of the champion's reference "
+                                         "completions (0: greedy): match the traffic's, as `llmcycle traffic` does")
+    reference_max_tokens: int | None = Field(64, ge=1, description="reference completion length (match the traffic's "
+                                                                   "max_tokens); null: serving.max_new_tokens")
     rare_token_coverage: float = Field(0.95, gt=0, lt=1, description="a token is rare when it is not among the most "
                                        "frequent training tokens that together make up this share")
     webhook_url: str | None = Field(None, description="POST a JSON alert here on drift (null: no webhook)")

@@ -58,14 +58,14 @@ def write_log(settings, champion, prompts: list[str], seed: int) -> list[dict]:
     folder = settings.path(settings.serving.log_dir)
     shutil.rmtree(folder, ignore_errors=True)
     texts = [format_prompt(tok, p) for p in prompts]
-    completions = generate(model, tok, texts, max_new_tokens=12, temperature=1.0, seed=seed)
+    completions = generate(model, tok, texts, max_new_tokens=12, temperature=0.0)     # as the reference
     log = RequestLog(folder, max_bytes=4000)          # small files: the window spans rotated ones
     for i, (text, comp) in enumerate(zip(texts, completions)):
         log.log({"id": f"chatcmpl-{seed}-{i}", "index": 0, "endpoint": "/v1/chat/completions",
                  "model": "llmcycle@champion", "version": "1", "key_id": "k-test", "prompt": text,
                  "completion": comp, "prompt_tokens": len(tok.encode(text)), "completion_tokens": len(tok.encode(comp)),
                  "latency_s": 0.05, "ttft_s": 0.01, "mean_logprob": None, "finish_reason": "length",
-                 "temperature": 1.0, "stream": False})
+                 "temperature": 0.0, "stream": False})
         time.sleep(0.002)                                # distinct millisecond stamps keep the order exact
     log.flush()
     log.close()
