@@ -46,8 +46,8 @@ def pg_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-def need(binary: str, where: Path | None = None) -> None:
-    if where is None and shutil.which(binary) is None:
+def need(binary: str) -> None:
+    if shutil.which(binary) is None:
         pytest.skip(f"{binary} is not installed (.ci/run installs it with apt-get as root)")
 
 
