@@ -20,6 +20,7 @@ from prefect import flow, task
 
 from components import config as cfg
 from components import tracking
+from components.orchestration import OrchestrationError, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def ensure_server_task(config: str, overrides: list[str]) -> dict:
         return {"url": url, "action": "running", "version": ready.get("version")}
     started = start_server(settings, config, overrides, url)
     if not started["ok"]:
-        raise RuntimeError(f"closed loop: no model server: {started['message']}")
+        raise OrchestrationError(f"closed loop: no model server: {started['message']}")
     say(started["message"])
     return {"url": url, "action": "started", "version": (_readyz(url) or {}).get("version"), "pid": started["pid"]}
 
@@ -158,7 +159,6 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
 @contextlib.contextmanager
 def served_deployments(settings: cfg.Settings, config: str, overrides: list[str], api_url: str) -> Iterator[Path]:
     """`llmcycle schedule --no-cron` as a child (its log in .prefect/schedule.log) until the block ends."""
-    from components.orchestration import stop_group
     from flows.deployments import wait_for_deployment
 
     log_path = settings.path(".prefect", "schedule.log")
@@ -174,20 +174,26 @@ def served_deployments(settings: cfg.Settings, config: str, overrides: list[str]
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if wait_for_deployment("retrain/retrain", 120, alive=lambda: proc.poll() is None) is None:
-            raise RuntimeError(f"closed loop: `llmcycle schedule` did not serve the retrain deployment; see {log_path}")
+            raise OrchestrationError(f"closed loop: `llmcycle schedule` did not serve the retrain deployment; "
+                                     f"see {log_path}")
         yield log_path
     finally:
         stop_group(proc, 30)        # SIGTERM: the runner shuts down, `schedule` exits
 
 
 def run_loop(settings: cfg.Settings, config: str, overrides: list[str]) -> dict:
-    """The Prefect server (PREFECT_API_URL's, or a local one), the served deployments, then the flow."""
+    """The Prefect server (PREFECT_API_URL's, or a local one), the served deployments, then the flow.
+    A server that cannot be had (Prefect's, the model's) exits 1 with one line."""
+    from flows.cli import fail
     from flows.cli_schedule import prefect_server_for, ui_url
 
     with prefect_server_for(settings) as api_url:
         say(f"Prefect API {api_url} (UI {ui_url(api_url)}, open while the loop runs)")
-        with served_deployments(settings, config, overrides, api_url):
-            result = closed_loop(config, overrides)
+        try:
+            with served_deployments(settings, config, overrides, api_url):
+                result = closed_loop(config, overrides)
+        except OrchestrationError as exc:
+            fail(str(exc), 1)
     result["prefect_api"] = api_url
     return result
 
