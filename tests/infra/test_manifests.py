@@ -83,9 +83,10 @@ def test_compose_runs_every_engine_the_issue_names():
         svc = services[replica]
         assert "/readyz" in " ".join(svc["healthcheck"]["test"])
         assert svc["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert services["lb"]["depends_on"][replica]["condition"] == "service_healthy"
-    upstream = re.findall(r"server ([\w-]+):8000", (INFRA / "nginx" / "llmcycle.conf").read_text())
-    assert upstream == ["server-1", "server-2"]
+        assert replica in services["lb"]["depends_on"]
+    balancer = yaml.safe_load((INFRA / "traefik" / "llmcycle.yaml").read_text())["http"]["services"]["llmcycle"]
+    assert balancer["loadBalancer"]["healthCheck"]["path"] == "/readyz"
+    assert [s["url"] for s in balancer["loadBalancer"]["servers"]] == ["http://server-1:8000", "http://server-2:8000"]
 
 
 def test_compose_wiring_is_consistent():
