@@ -5,6 +5,7 @@
   whose parameters come from the event payload), one at a time: deployment concurrency 1 with
   CANCEL_NEW, so an event arriving while a retrain runs gets a cancelled run, never a second retrain;
 - `lifecycle` runs on demand (`prefect deployment run lifecycle/lifecycle`) and on schedule.lifecycle_cron.
+Each deployment runs one at a time (a cron tick while the last monitor still runs is cancelled too).
 Every deployment gets the config path (absolute) and the overrides as parameters. Events and triggers
 need a real Prefect server (components/orchestration.py starts one when PREFECT_API_URL is unset).
 """
@@ -78,6 +79,7 @@ def build(config: str = "params.yaml", overrides: list[str] | None = None, *,
         monitor.to_deployment(
             name="monitor", parameters=params, tags=tags,
             schedules=_cron(sched.monitor_cron if crons else None, sched.timezone, "monitor_cron"),
+            concurrency_limit=one_at_a_time(),
             description="Evidently drift check of the newest request window; emits llmcycle.drift.detected",
         ),
         retrain.to_deployment(
@@ -89,6 +91,7 @@ def build(config: str = "params.yaml", overrides: list[str] | None = None, *,
         lifecycle.to_deployment(
             name="lifecycle", parameters=params, tags=tags,
             schedules=_cron(sched.lifecycle_cron if crons else None, sched.timezone, "lifecycle_cron"),
+            concurrency_limit=one_at_a_time(),
             description="The whole lifecycle: scope, data, train, evaluate, gate",
         ),
     ]

@@ -62,8 +62,11 @@ def test_deployments_carry_schedules_parameters_and_trigger(served):
     assert retrain.schedules == []
     for d in (monitor, lifecycle, retrain):
         assert d.parameters["config"] == str(served["config"]) and d.parameters["overrides"] == ["sft.max_steps=2"]
-    assert retrain.concurrency_options.collision_strategy.value == "CANCEL_NEW"
-    assert retrain.global_concurrency_limit.limit == 1
+    for d in (monitor, lifecycle, retrain):
+        assert d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+        assert d.global_concurrency_limit.limit == 1
+    assert [t.expect for t in _triggers(served["api_url"], retrain.id)] == [{"llmcycle.drift.detected"}]
+    assert _triggers(served["api_url"], monitor.id) == [] and _triggers(served["api_url"], lifecycle.id) == []
 
 
 def test_drift_event_starts_one_retrain_and_a_second_event_meanwhile_starts_none(served):
@@ -98,3 +101,10 @@ def test_drift_event_starts_one_retrain_and_a_second_event_meanwhile_starts_none
     executed = [json.loads(p.read_text()) for p in markers.glob("*.json")]
     assert executed == [{"config": str(served["config"]), "overrides": ["sft.max_steps=2"], "monitor_run_id": "m-1"}]
     assert sorted(r.parameters["monitor_run_id"] for r in all_runs) == ["m-1", "m-2"]
+
+
+def _triggers(api_url, deployment_id):
+    """The event triggers of the automations that run this deployment."""
+    with client_for(api_url) as client:
+        automations = client.read_resource_related_automations(f"prefect.deployment.{deployment_id}")
+    return [a.trigger for a in automations]
