@@ -124,8 +124,11 @@ def _poll(fetch: Callable[[], Any], timeout_s: float, interval_s: float = 1.0) -
         time.sleep(interval_s)
 
 
-def wait_for_deployment(name: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> Any | None:
-    """The deployment `<flow>/<deployment>` once it is registered (None after timeout_s or once alive() is False)."""
+def wait_for_deployment(name: str, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+                        polled_since: Any = None) -> Any | None:
+    """The deployment `<flow>/<deployment>` once it is registered and, with polled_since (a datetime), once a
+    runner has polled for its runs since then (so a deployment left from an earlier run does not count).
+    None after timeout_s, or as soon as alive() is False."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -134,9 +137,11 @@ def wait_for_deployment(name: str, timeout_s: float, alive: Callable[[], bool] =
             return "gone"
         with get_client(sync_client=True) as client:
             try:
-                return client.read_deployment_by_name(name)
+                found = client.read_deployment_by_name(name)
             except ObjectNotFound:
                 return None
+        polled = getattr(found, "last_polled", None)
+        return found if polled_since is None or (polled is not None and polled >= polled_since) else None
 
     found = _poll(fetch, timeout_s)
     return None if found == "gone" else found

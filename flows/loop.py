@@ -9,6 +9,7 @@ run_loop() wraps the `closed-loop` flow with the Prefect server and the serving 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import subprocess
 import sys
@@ -169,11 +170,13 @@ def served_deployments(settings: cfg.Settings, config: str, overrides: list[str]
         cmd += ["--set", item]
     env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    started = datetime.datetime.now(datetime.timezone.utc)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=settings.root, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        if wait_for_deployment("retrain/retrain", 120, alive=lambda: proc.poll() is None) is None:
+        if wait_for_deployment("retrain/retrain", 120, alive=lambda: proc.poll() is None,
+                               polled_since=started) is None:
             raise OrchestrationError(f"closed loop: `llmcycle schedule` did not serve the retrain deployment; "
                                      f"see {log_path}")
         yield log_path

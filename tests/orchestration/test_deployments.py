@@ -6,6 +6,7 @@ trigger, concurrency limit and serving code are the project's (flows/deployments
 """
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def served(prefect_server, tmp_path_factory):
     config = write_params(root, {"schedule": {"monitor_cron": "*/7 * * * *", "lifecycle_cron": "0 3 * * 1",
                                               "timezone": "Europe/Paris"}})
     env = child_env(prefect_server.api_url, root / "prefect_home", LLMCYCLE_TEST_MARKERS=str(root / "markers"))
+    started = datetime.datetime.now(datetime.timezone.utc)
     log = open(root / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "tests.orchestration.served_flows", str(config), "sft.max_steps=2"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -39,7 +41,7 @@ def served(prefect_server, tmp_path_factory):
                 except Exception:  # noqa: BLE001 (ObjectNotFound until serve has applied them)
                     return None
             wait_for(deployed, 120, "the served deployments")
-        yield {"root": root, "config": config, "env": env, "api_url": prefect_server.api_url}
+        yield {"root": root, "config": config, "env": env, "api_url": prefect_server.api_url, "started": started}
     finally:
         stop_group(proc, 30)
         log.close()
@@ -66,6 +68,13 @@ def test_deployments_carry_schedules_parameters_and_trigger(served):
         assert d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
         assert d.global_concurrency_limit.limit == 1
     assert [t.expect for t in _triggers(served["api_url"], retrain.id)] == [{"llmcycle.drift.detected"}]
+    # The closed loop waits for a runner polling this deployment, not just for a registration left from before.
+    from flows.deployments import api_settings, wait_for_deployment
+
+    with api_settings(served["api_url"]):
+        assert wait_for_deployment("retrain/retrain", 30, polled_since=served["started"]).id == retrain.id
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        assert wait_for_deployment("retrain/retrain", 1, polled_since=later) is None
     assert _triggers(served["api_url"], monitor.id) == [] and _triggers(served["api_url"], lifecycle.id) == []
 
 
