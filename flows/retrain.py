@@ -26,7 +26,7 @@ def build_data_task(config: str, overrides: list[str], monitor_run_id: str) -> d
     pairs = feedback.build_pairs(window, feedback.feedback_files(settings), feedback.request_logs(settings))
     files, report = feedback.merge(settings, pairs, {**window_info(run), "records": len(window)})
     folder = feedback.write_version(settings, files, report)
-    return {**report, "folder": str(folder), "dropped_rows": [f"{d.where}: {d.reason}" for d in pairs.dropped]}
+    return {**report, "folder": str(folder), "dropped_rows": [f"{d.where}: {d.reason}" for d in pairs.dropped[:100]]}
 
 
 @task(name="finetune-from-champion")

@@ -30,6 +30,7 @@ from components.config import Settings
 from components.data import io, layout
 from components.data.cleaning import split_of, text_hash
 from components.errors import ConfigError
+from components.monitoring.descriptors import user_text
 
 SFT_FIELDS = ("prompt", "response")
 PREF_FIELDS = ("prompt", "chosen", "rejected")
@@ -159,7 +160,8 @@ def _rating(obj: dict, known: dict[str, dict], out: Pairs, chosen: dict, rejecte
     rec = known.get(cid)
     if rec is None:
         return f"unknown completion id {cid!r} (not in the window or the request log)"
-    prompt, completion = rec["prompt"], rec.get("completion")
+    # The log holds what the model read (a chat request's rendered template); training formats the user's text.
+    prompt, completion = user_text(rec["prompt"]), rec.get("completion")
     if not prompt.strip():
         return f"completion {cid!r} has an empty prompt in the request log"
     if corrected is not None:
@@ -209,6 +211,12 @@ def retrain_dir(settings: Settings) -> Path:
 def data_overrides(settings: Settings) -> list[str]:
     """--set overrides that make the DVC pipeline build data/processed from the merged files."""
     d = retrain_dir(settings)
+    # Relative to the project root when possible: the value lands in params.resolved.yaml, hence in dvc.lock,
+    # and an absolute path would make the data hash differ between checkouts of the same data.
+    try:
+        d = d.resolve().relative_to(settings.root.resolve())
+    except ValueError:
+        pass
     return [f"data.sft_jsonl={d / 'sft.jsonl'}", f"data.preference_jsonl={d / 'preference.jsonl'}"]
 
 

@@ -89,6 +89,18 @@ def test_rating_of_a_completion_outside_the_window_is_found_in_the_request_log(t
     assert feedback.build_pairs([], [fb]).dropped[0].reason.startswith("unknown completion id 'old'")
 
 
+def test_chat_markup_is_stripped_from_logged_prompts(tmp_path: Path):
+    """A chat request is logged as the rendered template; the pair keeps the user's text (training formats it)."""
+    chat = "<|system|>\nBe brief.<|end|>\n<|user|>\nWrite a test for f.<|end|>\n<|assistant|>\n"
+    fb = tmp_path / "feedback-1.jsonl"
+    fb.write_text(json.dumps({"kind": "rating", "completion_id": "c", "rating": "down", "corrected": "def t(): pass"})
+                  + "\n")
+    pairs = feedback.build_pairs([{"id": "c", "prompt": chat, "completion": "oops"}], [fb])
+    assert [(r["prompt"], r["response"]) for r in pairs.sft] == [("Write a test for f.", "def t(): pass")]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in pairs.preference] == [
+        ("Write a test for f.", "def t(): pass", "oops")]
+
+
 def _write_split(folder: Path, rows_by_split: dict[str, list[dict]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):

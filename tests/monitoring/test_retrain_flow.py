@@ -18,9 +18,14 @@ from tests.flows.conftest import init_project, prefect_harness  # noqa: F401 - t
 GITIGNORE = "data/\nmlflow/\ncheckpoints/\n.prefect/\ndvc-remote/\n"
 
 
+def _ask(i: int) -> str:
+    return f"Write a test for parse_items_{i}(data) that checks empty input."
+
+
 def _window(n: int = 40) -> list[dict]:
     """Drifted requests: tests of functions instead of functions, with the model's (poor) completions."""
-    return [{"id": f"cmpl-{i}", "index": 0, "prompt": f"Write a test for parse_items_{i}(data) that checks empty input.",
+    # Logged as the server logs a chat request: the rendered template the model read.
+    return [{"id": f"cmpl-{i}", "index": 0, "prompt": f"<|user|>\n{_ask(i)}<|end|>\n<|assistant|>\n",
              "completion": f"def test_parse_items_{i}(:\n    pass", "prompt_tokens": 12, "completion_tokens": 9,
              "latency_s": 0.1, "mean_logprob": -2.5, "version": "1", "key_id": "k", "finish_reason": "stop",
              "ts": f"2026-11-30T00:00:{i:02d}Z"} for i in range(n)]
@@ -35,7 +40,7 @@ def _feedback(window: list[dict]) -> list[str]:
         elif i % 4 == 1:
             lines.append({"kind": "rating", "completion_id": rec["id"], "rating": "down", "corrected": fixed})
         elif i % 4 == 2:
-            lines.append({"kind": "preference", "prompt": rec["prompt"], "chosen": fixed, "rejected": rec["completion"]})
+            lines.append({"kind": "preference", "prompt": _ask(i), "chosen": fixed, "rejected": rec["completion"]})
     out = [json.dumps(r) for r in lines]
     return out + ['{"kind": "rating", "completion_id"', json.dumps({"kind": "rating", "completion_id": "nope",
                                                                      "rating": "up"})]
