@@ -9,6 +9,7 @@ any column named in monitoring.drift_columns drifted. Too few distinct prompts: 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,10 @@ def compare(reference: list[dict], current: list[dict], cfg: MonitoringConfig) -
         return DriftResult(INSUFFICIENT, len(current), len(reference),
                            reason=f"{len(current)} distinct prompts in the window, below monitoring.min_window "
                                   f"({cfg.min_window}): too few to judge")
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import EmbeddingsDrift, ValueDrift
+    with warnings.catch_warnings():        # evidently's imports warn about numpy.core and litestar (noise)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from evidently import DataDefinition, Dataset, Report
+        from evidently.metrics import EmbeddingsDrift, ValueDrift
 
     emb = cfg.embeddings and all(EMBEDDING in r for r in reference + current)
     skipped = {} if emb or not cfg.embeddings else {EMBEDDING: "no embeddings in the reference or window rows"}
@@ -98,8 +101,11 @@ def compare(reference: list[dict], current: list[dict], cfg: MonitoringConfig) -
         from evidently.legacy.metrics.data_drift.embedding_drift_methods import model
         # No bootstrap: Evidently 0.7 exposes only the ROC AUC (no test), so the threshold must be ours.
         metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=model(threshold=cfg.text_threshold)))
-    snapshot = Report(metrics, include_tests=True).run(Dataset.from_pandas(cur_df, data_definition=definition),
-                                                       Dataset.from_pandas(ref_df, data_definition=definition))
+    with warnings.catch_warnings():
+        # The text classifier's SGD stops at its max_iter on small windows: sklearn warns each report (noise).
+        warnings.filterwarnings("ignore", message="Maximum number of iteration reached")
+        snapshot = Report(metrics, include_tests=True).run(Dataset.from_pandas(cur_df, data_definition=definition),
+                                                           Dataset.from_pandas(ref_df, data_definition=definition))
     scores = read_scores(snapshot.dict())
     return decide(scores, cfg, len(current), len(reference), skipped, snapshot)
 
