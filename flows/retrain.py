@@ -96,7 +96,12 @@ def retrain_flow(config: str = "params.yaml", overrides: list[str] | None = None
         out["monitor_run_id"] = run.info.run_id
         with tracking.parent_run(settings, "retrain", tags={"monitor_run_id": run.info.run_id}) as active:
             out["retrain_run_id"] = active.info.run_id
-            out.update(_retrain(config, overrides, settings, run.info.run_id, active.info.run_id))
+            try:
+                out.update(_retrain(config, overrides, settings, run.info.run_id, active.info.run_id))
+            except Exception as exc:
+                # The run is marked FAILED by MLflow; the tags say why without opening the Prefect log.
+                _record(active.info.run_id, {**out, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+                raise
             _record(active.info.run_id, out)
     finally:
         lock.release()

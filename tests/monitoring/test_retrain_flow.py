@@ -142,3 +142,15 @@ def test_cli_exit_codes(tiny_root: Path):
     assert r.returncode == 2 and f"--monitor-run {'0' * 32}: no such run" in r.stderr, r.stderr[-2000:]
     r = _llmcycle(tiny_root, "retrain", "--config", config, "--set", "retrain.holdout_share=1.5")
     assert r.returncode == 2 and "retrain.holdout_share" in r.stderr
+
+    # A drift to answer but no data yet (no lifecycle ran): exit 2 naming what to run, the run tagged failed.
+    import mlflow
+
+    settings = cfg.load(config)
+    monitor_id = _monitor_run(settings, _window(3), tiny_root)
+    r = _llmcycle(tiny_root, "retrain", "--config", config)
+    assert r.returncode == 2 and "run the lifecycle (`llmcycle run`) first" in r.stderr, r.stderr[-2000:]
+    (failed,) = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list",
+                                   filter_string=f"tags.stage = 'retrain' and tags.monitor_run_id = '{monitor_id}'")
+    assert failed.data.tags["retrain_status"] == "failed" and failed.info.status == "FAILED"
+    assert "ConfigError" in failed.data.tags["retrain_reason"]
