@@ -64,6 +64,7 @@ class Bench:
     fp32_model: object = None       # the unquantized model (what the HTTP server loads and quantizes itself)
     int8: bool = False
     server: object = None           # serve_http.Server, started by the first HTTP scenario
+    server_threads: int = 0         # the server's serving.torch_threads (0: torch's default)
     closers: list = field(default_factory=list)
 
     def ids(self, prompt: str) -> list[int]:
@@ -172,11 +173,14 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides and the HTTP server "
                     "(0: torch's default, 2 here); 1 is steadier when other processes take a core")
+    ap.add_argument("--server-threads", type=int, default=0, help="serving.torch_threads of the HTTP server "
+                    "(0: torch's default); 1 leaves a core to its event loop and the clients")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     b = make_bench(args)
+    b.server_threads = args.server_threads
     b.engine = Engine(b.model, b.tokenizer, max_batch=args.concurrency, max_queue=4 * args.concurrency)
     b.engine.start()
     b.engine.warmup()

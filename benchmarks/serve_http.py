@@ -32,7 +32,8 @@ def free_port() -> int:
 class Server:
     """`llmcycle serve` in a child process; base URL once /readyz answers 200."""
 
-    def __init__(self, model, tokenizer, quantize: str = "none", max_batch: int = 16, timeout: float = 180.0):
+    def __init__(self, model, tokenizer, quantize: str = "none", max_batch: int = 16, threads: int = 0,
+                 timeout: float = 180.0):
         import httpx
 
         self.dir = tempfile.TemporaryDirectory(prefix="serve-bench-")
@@ -40,6 +41,7 @@ class Server:
         model.save_pretrained(root / "model")
         tokenizer.save_pretrained(root / "model")
         params = {"serving": {"quantize": quantize, "poll_interval_s": 0, "max_batch": max_batch,
+                              "torch_threads": threads,
                               "max_queue": 4 * max_batch,
                               "rate_limit": {"requests_per_minute": 1_000_000, "tokens_per_minute": 100_000_000}}}
         (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -152,7 +154,7 @@ def scenarios(row_cls, baseline) -> dict:
         def scenario(b):
             if b.server is None:
                 b.server = Server(b.fp32_model, b.tokenizer, quantize="int8" if b.int8 else "none",
-                                  max_batch=b.concurrency)
+                                  max_batch=b.concurrency, threads=b.server_threads)
                 b.closers.append(b.server.close)
                 http_row(b.server, b.prompts[:2], 2, 8)   # warm the HTTP path (connections, first requests)
             return baseline(b, len(b.prompts)), http_row(b.server, b.prompts, clients, b.new_tokens)

@@ -208,11 +208,12 @@ class Engine:
     """Continuous-batching generation over one model; see the module docstring."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 16, max_queue: int = 64, device: Any = None,
-                 version: str = "", compile: bool = False):
+                 version: str = "", compile: bool = False, threads: int = 0):
         if device is not None:
             model = model.to(device)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.version = max_batch, max_queue, version
+        self.threads = threads          # torch threads of the loop thread (0: leave torch's setting)
         self.device = next(model.parameters()).device
         self.ends = stop_token_ids(tokenizer)
         self.block = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -319,6 +320,8 @@ class Engine:
             self._cv.notify_all()
 
     def _run(self) -> None:
+        if self.threads:  # set from the loop thread: the decode runs here (OpenMP's setting is per thread)
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._active:

@@ -67,7 +67,8 @@ def default_engine_factory(model: Any, tokenizer: Any, settings: Settings, versi
     from components.serving.engine import Engine
 
     s = settings.serving
-    return Engine(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, version=version)
+    return Engine(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, version=version,
+                  threads=s.torch_threads)
 
 
 class ModelStore:

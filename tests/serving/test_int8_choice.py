@@ -78,3 +78,18 @@ def test_auto_serves_int8_where_it_pays_and_matches_int8_generate_at_batch_1(tin
             assert got == generate(served.model, tok, [prompt], max_new_tokens=16)[0]
     finally:
         served.engine.stop()
+
+
+def test_torch_threads_setting_reaches_the_engine_loop(tiny_settings, tmp_path):
+    tok = tiny_tokenizer()
+    folder = _folder(tmp_path, tok, 64)
+    settings = cfg.load(tiny_settings.root / "params.yaml", ["serving.torch_threads=1"])
+    store = ModelStore(settings, str(folder))
+    served = store.load(store.resolve(str(folder)))
+    try:
+        assert served.engine.threads == 1
+        ids = tok.encode("x = 1", add_special_tokens=False)
+        got = served.engine.submit(ids, SamplingParams(max_tokens=8)).result(timeout=60).text
+        assert got == generate(served.model, tok, ["x = 1"], max_new_tokens=8)[0]
+    finally:
+        served.engine.stop()
