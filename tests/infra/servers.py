@@ -209,3 +209,27 @@ def redis(log_dir: Path) -> Iterator[str]:
                     raise RuntimeError(f"redis-server did not start: {(log_dir / 'redis.log').read_text()[-2000:]}")
                 time.sleep(0.2)
         yield f"redis://127.0.0.1:{port}/0"
+
+
+def tiny_champion(root: Path, extra: dict | None = None) -> dict:
+    """A tiny project at root whose real HF model is logged in an `sft` run, registered and made `champion`
+    in whatever store MLFLOW_TRACKING_URI names (the project's own SQLite file when unset)."""
+    import mlflow
+
+    from components import config as cfg
+    from components import tracking
+    from components.model.build import load_causal_lm
+    from tests.conftest import write_params
+    from tests.unit.evaluation.test_evaluate import save_tiny_model
+    from tests.unit.training.helpers import write_tiny_data
+
+    write_params(root, extra)
+    settings = cfg.load(root / "params.yaml")
+    tok = write_tiny_data(settings)
+    model, t = load_causal_lm(settings, str(save_tiny_model(settings, tok, root / "hf")))
+    with tracking.stage_run(settings, "sft") as run:
+        mlflow.log_metric("val_loss", 1.5)
+        uri = tracking.log_hf_model(model, t)
+    mv = tracking.register_model(settings, uri, settings.registry.model_name, stage="sft")
+    tracking.set_alias(settings, settings.registry.model_name, "champion", mv.version)
+    return {"settings": settings, "run_id": run.info.run_id, "version": mv.version}

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from components import tracking
 from tests.infra import servers
-from tests.serving.server_helpers import build_registry
 
 pytestmark = pytest.mark.slow
 POOL = "llmcycle-process"
@@ -73,7 +73,10 @@ def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
 
             project = tmp_path / "project"
             project.mkdir()
-            settings = build_registry(project)  # a tiny project with a champion: the monitor's model
+            settings = servers.tiny_champion(project)["settings"]  # the monitor's model, in the project's store
+            for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow exported the project's store: later tests
+                os.environ.pop(k, None)                                # in this process must not inherit it
+            tracking._LAST_SET_URI = None
             write_requests(settings, 3)          # fewer than monitoring.min_window: nothing to judge yet
             run = http.post(f"/deployments/{deployments['monitor']['id']}/create_flow_run", json={"parameters": {
                 "config": str(project / "params.yaml"), "overrides": [f"data.remote={tmp_path / 'dvc-remote'}"]}}).json()

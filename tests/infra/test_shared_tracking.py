@@ -66,25 +66,11 @@ def client_env(stack):
 @pytest.fixture(scope="module")
 def champion(stack, tmp_path_factory):
     """A real HF model logged in a stage run, registered and made `champion` on the shared server."""
-    import mlflow
-
-    from components.model.build import load_causal_lm
-    from tests.unit.evaluation.test_evaluate import save_tiny_model
-    from tests.unit.training.helpers import write_tiny_data
-
     root = tmp_path_factory.mktemp("project")
     with as_client(stack):
-        write_params(root)
-        settings = cfg.load(root / "params.yaml")
-        assert tracking.tracking_uri(settings) == stack["mlflow"]
-        tok = write_tiny_data(settings)
-        model, t = load_causal_lm(settings, str(save_tiny_model(settings, tok, root / "hf")))
-        with tracking.stage_run(settings, "sft") as run:
-            mlflow.log_metric("val_loss", 1.5)
-            uri = tracking.log_hf_model(model, t)
-        mv = tracking.register_model(settings, uri, settings.registry.model_name, stage="sft")
-        tracking.set_alias(settings, settings.registry.model_name, "champion", mv.version)
-    return {"settings": settings, "run_id": run.info.run_id, "version": mv.version}
+        made = servers.tiny_champion(root)
+        assert tracking.tracking_uri(made["settings"]) == stack["mlflow"]
+    return made
 
 
 @pytest.mark.timeout(240)
