@@ -1,13 +1,14 @@
 """The Prefect side of infra/ for real: `prefect server start` on Postgres, a process work pool, the
 project's deployments registered from infra/prefect/prefect.yaml with `prefect deploy`, and a
 `prefect worker` that runs the `monitor` deployment as a child process (on a tiny temp project, so
-the run reads and writes nothing of the checkout). The drift trigger of `retrain` is read back from
-the server as the automation Prefect made of it.
+the run reads and writes nothing of the checkout). A drift event sent to that server then makes a
+`retrain` flow run in the pool through the trigger prefect.yaml declares.
 """
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -91,3 +92,16 @@ def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
             assert state == "COMPLETED", f"monitor run ended {state}:\n{log}"
             # The flow ran on the tiny project and judged its (empty) traffic: nothing to compare yet.
             assert "monitor: insufficient_data" in log, log
+
+            # A drift event through this server makes the pool a retrain run (the worker is stopped now, so
+            # it stays scheduled: retraining itself is tested in tests/monitoring and tests/orchestration).
+            emit = ("from prefect.events import emit_event; emit_event(event='llmcycle.drift.detected', "
+                    "resource={'prefect.resource.id': 'llmcycle.model.llmcycle.1'}, payload={'monitor_run_id': 'm-1'})")
+            cli(sys.executable, "-c", emit)
+            retrain = {"deployments": {"id": {"any_": [deployments["retrain"]["id"]]}}}
+            deadline, runs = time.monotonic() + 60, []
+            while not runs and time.monotonic() < deadline:
+                time.sleep(1)
+                runs = http.post("/flow_runs/filter", json=retrain).json()
+            assert [r["parameters"]["monitor_run_id"] for r in runs] == ["m-1"], runs
+            assert runs[0]["work_queue_name"] and runs[0]["state"]["type"] == "SCHEDULED"
