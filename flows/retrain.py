@@ -149,6 +149,7 @@ def _retrain(config: str, overrides: list[str], settings: cfg.Settings, monitor_
         client.log_metric(run_id, key, float(value))
     status = "promoted" if gate["decision"] == "promote" else "rejected"
     return {"status": status, "version": gate["version"], "reason": gate["reason"], "figures": figures,
+            "model_name": name,
             "champion_before": str(champ.version), "data_hash": data_run["data_hash"],
             "runs": {"data": data_run["run_id"], **trained["stages"], "evaluate": ev["run_id"],
                      "deploy": gate["deploy_run_id"]}}
@@ -164,13 +165,17 @@ def _record(run_id: str, out: dict) -> None:
         tags["challenger_version"] = str(out["version"])
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
-    lines = [f"**retrain: {out['status']}**: {out['reason']}", "",
-             f"- caused by monitor run `{out['monitor_run_id']}`"]
+    # Links in the UI's own routes, so the chain monitor -> retrain -> version can be followed by clicking.
+    exp, name = client.get_run(run_id).info.experiment_id, out.get("model_name", "llmcycle")
+    run_link = lambda label, rid: f"[{label}](#/experiments/{exp}/runs/{rid})"  # noqa: E731
+    model = lambda v: f"[{name} v{v}](#/models/{name}/versions/{v})"  # noqa: E731
+    lines = [f"**Retrain: {out['status']}**. {out['reason']}", "",
+             f"- caused by {run_link('monitor run ' + str(out['monitor_run_id']), out['monitor_run_id'])}"]
     if out.get("version"):
-        lines.append(f"- challenger: version {out['version']} (from champion v{out.get('champion_before')}, "
-                     f"data_hash {out.get('data_hash')})")
+        lines.append(f"- challenger {model(out['version'])}, fine-tuned from champion {model(out['champion_before'])}"
+                     f" on data_hash {out.get('data_hash')}")
     for stage, rid in (out.get("runs") or {}).items():
-        lines.append(f"- {stage} run `{rid}`")
+        lines.append(f"- {run_link(stage + ' run', rid)}")
     for key, value in sorted((out.get("figures") or {}).items()):
         lines.append(f"- {key}: {value:.4f}")
     client.set_tag(run_id, "mlflow.note.content", "\n".join(lines))

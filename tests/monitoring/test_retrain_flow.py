@@ -93,6 +93,8 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     run = client.get_run(out["retrain_run_id"])
     assert run.info.run_name == "retrain" and run.data.tags["monitor_run_id"] == monitor_id
     assert run.data.tags["retrain_status"] == out["status"] and run.info.status == "FINISHED"
+    note = run.data.tags["mlflow.note.content"]       # the UI description links monitor run and versions
+    assert f"/runs/{monitor_id})" in note and f"#/models/llmcycle/versions/{out['version']})" in note
     children = {r.info.run_name for r in tracking.child_runs(settings, out["retrain_run_id"])}
     assert {"data", "sft", "dpo", "evaluate", "deploy"} <= children
     for key in ("champion_drifted_bits_per_byte", "challenger_drifted_bits_per_byte",
