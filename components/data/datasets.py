@@ -61,7 +61,8 @@ def token_arrays(tokenizer, by_split: dict[str, list[dict]], out: Path) -> dict:
 
 
 def _user_pairs(settings: Settings, key: str, fields: tuple[str, ...]) -> dict[str, list[dict]]:
-    """The user's JSONL pairs, split by a hash of the prompt (identical prompts share a split)."""
+    """The user's JSONL pairs, split by a hash of the prompt (identical prompts share a split), or by the
+    row's own `split` field (train | val | test) when it has one: a retrain keeps the splits it was given."""
     raw = getattr(settings.data, key)
     path = settings.path(Path(raw).expanduser())
     if not path.is_file():
@@ -80,7 +81,11 @@ def _user_pairs(settings: Settings, key: str, fields: tuple[str, ...]) -> dict[s
         row = {"id": row_id, "doc_id": row_id, "name": str(obj.get("name", "")), **{f: obj[f] for f in fields}}
         if "chosen" in fields:
             row["kind"] = "user"      # provenance, whatever the file says: one of the known kinds
-        split = split_of(text_hash(obj["prompt"]), settings.data.split.val, settings.data.split.test)
+        split = obj.get("split")
+        if split is None:
+            split = split_of(text_hash(obj["prompt"]), settings.data.split.val, settings.data.split.test)
+        elif split not in by_split:
+            raise DataError(f"{path}:{line_no}: field 'split' must be one of {', '.join(layout.SPLITS)}, got {split!r}")
         by_split[split].append(row)
     return by_split
 

@@ -11,10 +11,9 @@ training, evaluation, the gate's scorecards and the lineage hash all read data/p
 dvc.lock. Merged files under data/retrain/ passed with --set make the unchanged `datasets` stage
 rebuild data/processed through the same GE suites, and dvc.lock (so data_hash) gets new hashes.
 A new stage would need per-run inputs (a monitor run's window) in a static dvc.yaml.
-The datasets stage splits user pairs by a hash of the prompt, so the merge keeps every base row
-in a split that cannot leak: a train row that would land in test, or a test row that would land in
-train (its document is in the raw test split), is left out. A slice of the new SFT rows
-(retrain.holdout_share, plus those hashing to test) is held out of training as the drifted-domain set.
+Every merged row carries its `split` (the datasets stage honours it): base rows stay where they were,
+so the gate's test set stays whole; new prompts get the stage's prompt-hash split. A slice of the new
+SFT rows (retrain.holdout_share, plus those in test) is held out of training as the drifted-domain set.
 Compromise: data/retrain/ itself is git-ignored; what it made is cached by DVC in data/processed.
 """
 from __future__ import annotations
@@ -233,27 +232,25 @@ def _split(settings: Settings, prompt: str) -> str:
     return split_of(text_hash(prompt), settings.data.split.val, settings.data.split.test)
 
 
-def _held_out(settings: Settings, prompt: str) -> bool:
-    """The drifted-domain evaluation slice: prompts the datasets stage puts in test, plus a salted share."""
+def _held_out(settings: Settings, prompt: str, split: str) -> bool:
+    """The drifted-domain evaluation slice: prompts the datasets stage puts in test (split), plus a salted share."""
     bucket = int(hashlib.sha256(f"holdout:{prompt}".encode("utf-8")).hexdigest(), 16) % 10_000
-    return _split(settings, prompt) == "test" or bucket < settings.retrain.holdout_share * 10_000
+    return split == "test" or bucket < settings.retrain.holdout_share * 10_000
 
 
 def _base_rows(settings: Settings, folder: Path, fields: tuple[str, ...]) -> list[dict]:
-    """The current processed pairs that can be merged without leaking across splits (module docstring)."""
+    """The current processed pairs, each with the split it is in (the datasets stage keeps a row's `split`),
+    so the gate's test set stays whole and nothing trained on moves into test."""
     rows = []
     for split in layout.SPLITS:
         path = folder / f"{split}.jsonl"
         if not path.is_file():
             raise ConfigError(f"retrain: no {path}; run the lifecycle (`llmcycle run`) first")
         for _, row in io.read_jsonl(path):
-            new = _split(settings, row["prompt"])
-            if (split == "train" and new == "test") or (split == "test" and new != "test"):
-                continue
             rid = str(row.get("id", ""))
             for prefix in ID_PREFIXES:
                 rid = rid.removeprefix(prefix)
-            rows.append({"id": rid, "name": row.get("name", ""), **{f: row[f] for f in fields}})
+            rows.append({"id": rid, "name": row.get("name", ""), "split": split, **{f: row[f] for f in fields}})
     return rows
 
 
@@ -272,15 +269,27 @@ def merge(settings: Settings, pairs: Pairs, window: dict[str, Any] | None = None
     have_pref = {(r["prompt"], r["chosen"], r["rejected"]) for r in base_pref}
     new_sft = [r for r in pairs.sft if (r["prompt"], r["response"]) not in have_sft]
     new_pref = [r for r in pairs.preference if (r["prompt"], r["chosen"], r["rejected"]) not in have_pref]
-    holdout = [r for r in new_sft if _held_out(settings, r["prompt"])]
-    held = {r["prompt"] for r in holdout if _split(settings, r["prompt"]) != "test"}
-    # Held-out prompts stay out of training altogether (their preference pairs too); those hashing to
-    # test still go to the datasets stage, which puts them in the gate's test split, never in train.
+    # Base rows keep the split they are in (the field `split`, which the datasets stage honours), so the
+    # gate's test set stays whole. A new prompt already in the data joins that prompt's split (test
+    # first: never train on a test prompt); other new prompts get the datasets stage's prompt-hash split.
+    split_of_prompt: dict[str, str] = {}
+    for r in base_sft + base_pref:
+        if split_of_prompt.get(r["prompt"]) != "test":
+            split_of_prompt[r["prompt"]] = r["split"]
+
+    def split_for(prompt: str) -> str:
+        return split_of_prompt.get(prompt) or _split(settings, prompt)
+
+    holdout = [r for r in new_sft if _held_out(settings, r["prompt"], split_for(r["prompt"]))]
+    held = {r["prompt"] for r in holdout if split_for(r["prompt"]) != "test"}
+    # Held-out prompts stay out of training altogether (their preference pairs too); those in test
+    # still go to the datasets stage, which puts them in the gate's test split, never in train.
     train_sft = [r for r in new_sft if r["prompt"] not in held]
     train_pref = [r for r in new_pref if r["prompt"] not in held]
 
     def clean(rows: list[dict], fields: tuple[str, ...]) -> list[dict]:
-        return [{"id": r["id"], "name": r.get("name", ""), **{f: r[f] for f in fields}} for r in rows]
+        return [{"id": r["id"], "name": r.get("name", ""), **{f: r[f] for f in fields},
+                 "split": r.get("split") or split_for(r["prompt"])} for r in rows]
 
     files = {"sft.jsonl": clean(base_sft + train_sft, SFT_FIELDS),
              "preference.jsonl": clean(base_pref + train_pref, PREF_FIELDS),

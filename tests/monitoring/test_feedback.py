@@ -121,18 +121,20 @@ def test_merge_keeps_splits_leak_free_and_holds_out_new_prompts(tiny_settings):
     files, report = feedback.merge(s, new)
 
     merged = {r["prompt"] for r in files["sft.jsonl"]}
-    for i in range(40):   # base train rows never move to test; base test rows never move out of test
-        assert (f"train prompt {i}" in merged) == (hashed(f"train prompt {i}") != "test")
-        assert (f"test prompt {i}" in merged) == (hashed(f"test prompt {i}") == "test")
-        assert f"val prompt {i}" in merged
+    split_in_file = {r["prompt"]: r["split"] for r in files["sft.jsonl"]}
+    for split in ("train", "val", "test"):   # every base row stays, in the split it was in
+        for i in range(40):
+            assert split_in_file[f"{split} prompt {i}"] == split
     assert all(not r["id"].startswith("sft:") for r in files["sft.jsonl"])
     assert report["new_sft"] == 60                                     # the duplicate of a base row is not new
     held = [r["prompt"] for r in files["holdout.jsonl"]]
     assert 0 < len(held) < 60
     trained = [p for p in (f"new prompt {i}" for i in range(60)) if p in merged]
     assert report["usable"] == len(trained) == 60 - len([p for p in held if hashed(p) != "test"])
-    for prompt in held:   # held out of training: absent, or present only where the data split makes it test
-        assert prompt not in merged or hashed(prompt) == "test"
+    for prompt in trained:   # new prompts get the datasets stage's own prompt-hash split
+        assert split_in_file[prompt] == hashed(prompt)
+    for prompt in held:   # held out of training: absent, or present only in test
+        assert prompt not in merged or split_in_file[prompt] == "test"
     assert all(hashed(f"new prompt {i}") != "test" or f"new prompt {i}" in held for i in range(60))
     assert len(files["original_test.jsonl"]) == 40
 

@@ -132,7 +132,18 @@ def test_user_pair_jsonl(tiny_root):
     assert all(where[r["prompt"]] == sp for sp, rows in pref.items() for r in rows)
     assert sft["train"][0]["id"].startswith("sft:line-") and pref["train"][0]["id"].startswith("preference:")
 
-    sft_path.write_text(sft_path.read_text() + json.dumps({"prompt": "x"}) + "\n")
+    # A row's own `split` wins over the hash (a retrain keeps the splits it was given); a bad one is named.
+    sft_path.write_text("".join(json.dumps({"prompt": f"Say {i}", "response": f"print({i})", "split": "test"})
+                                + "\n" for i in range(30)))
+    datasets.run(s)
+    assert [len(rows) for rows in _rows(layout.sft_dir(s)).values()].count(30) == 1
+    assert len(_rows(layout.sft_dir(s))["test"]) == 30
+    sft_path.write_text(json.dumps({"prompt": "x", "response": "y", "split": "dev"}) + "\n")
+    with pytest.raises(DataError, match=r"my_sft\.jsonl:1: field 'split' must be one of train, val, test, got 'dev'"):
+        datasets.run(s)
+
+    sft_path.write_text("".join(json.dumps({"prompt": f"Say {i}", "response": f"print({i})"}) + "\n" for i in range(30))
+                        + json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(DataError, match=r"my_sft\.jsonl:31: missing or empty string field 'response'"):
         datasets.run(s)
     sft_path.write_text("{bad\n")
