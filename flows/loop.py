@@ -237,7 +237,9 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     server = result.get("server") or {}
     rows = [("lifecycle", life.get("lifecycle_run_id", ""),
              f"gate {dep.get('decision')} v{dep.get('version')}: {dep.get('reason')}"),
-            ("server", "", f"{server.get('action')} at {server.get('url')}, serving v{server.get('version')}")]
+            ("server", "", f"{server.get('action')} at {server.get('url')}, serving v{server.get('version')}"
+                           + ("; still running (`llmcycle serve --stop` stops it)" if server.get("action") == "started"
+                              else ""))]
     for stage in ("baseline", "drifted"):
         mon = result.get(f"{stage}_monitor") or {}
         rows += [(f"{stage} traffic", "", _traffic_cell(result.get(f"{stage}_traffic"))),

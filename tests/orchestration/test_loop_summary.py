@@ -31,6 +31,8 @@ def test_a_promoting_loop_lists_every_stage_with_its_run_and_the_swap():
               "swap": {"swapped": True, "version": "2"}}
     rows = _rows(result)
     assert rows["lifecycle"][0] == "L1" and rows["monitor (baseline)"][0] == "M1"
+    assert rows["server"][1] == ("started at http://127.0.0.1:8000, serving v1; still running "
+                                 "(`llmcycle serve --stop` stops it)")
     assert rows["monitor (drifted)"] == ("M2", "drift (window 50, drift share 0.80: prompt, a, b +2 more); "
                                                "event emitted")
     assert rows["retrain (drifted)"][0] == "R1" and "started by AUTOMATION" in rows["retrain (drifted)"][1]
