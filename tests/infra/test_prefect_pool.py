@@ -66,6 +66,9 @@ def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
             deployments = {d["name"]: d for d in http.post("/deployments/filter", json={}).json()}
             assert set(deployments) == {"lifecycle", "monitor", "retrain"}
             assert {d["work_pool_name"] for d in deployments.values()} == {POOL}
+            one_at_a_time = {((d.get("global_concurrency_limit") or {}).get("limit"),
+                              (d.get("concurrency_options") or {}).get("collision_strategy")) for d in deployments.values()}
+            assert one_at_a_time == {(1, "CANCEL_NEW")}, one_at_a_time
             assert deployments["monitor"]["schedules"][0]["schedule"]["cron"] == "0 * * * *"
             automations = http.post("/automations/filter", json={}).json()
             [trigger] = [a["trigger"] for a in automations
