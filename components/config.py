@@ -276,8 +276,8 @@ class MonitoringConfig(Section):
                                                   "never 'no drift'")
     drift_share_threshold: float = Field(0.5, gt=0, le=1, description="drift when at least this share of the "
                                                                       "compared columns drifted")
-    drift_columns: list[str] = Field(default_factory=lambda: ["prompt"], description="columns any one of which "
-                                     "drifting is drift on its own (see DRIFT_COLUMNS)")
+    drift_columns: list[str] = Field(default_factory=list, description="columns any one of which drifting is drift "
+                                     "on its own (see DRIFT_COLUMNS); empty: the share alone decides")
     text_threshold: float = Field(0.6, gt=0.5, lt=1, description="ROC AUC of the prompt text's domain classifier "
                                                                  "(abs_text_content_drift) above which it drifted")
     embeddings: bool = Field(False, description="also compare mean last-hidden-state embeddings of the prompts")

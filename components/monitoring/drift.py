@@ -140,6 +140,7 @@ def decide(scores: dict[str, dict[str, Any]], cfg: MonitoringConfig, n_current: 
     elif named:
         decision, reason = DRIFT, f"named column(s) {', '.join(named)} drifted (monitoring.drift_columns)"
     else:
+        named_note = f"; no column of {cfg.drift_columns} drifted" if cfg.drift_columns else ""
         decision, reason = NO_DRIFT, f"{len(drifted)} of {len(scores)} columns drifted (share {share:.2f} < " \
-                                     f"{cfg.drift_share_threshold}); no column of {cfg.drift_columns} drifted"
+                                     f"{cfg.drift_share_threshold}){named_note}"
     return DriftResult(decision, n_current, n_reference, share, drifted, scores, skipped or {}, reason, snapshot)

@@ -84,9 +84,10 @@ def heldout_prompts(settings) -> list[str]:
 
 
 def drifted_prompts(n: int) -> list[str]:
-    """Production starts asking for tests: another task, other words, longer prompts."""
+    """Production starts asking for tests: another task, other words, longer prompts, non-ASCII text."""
     return [f"Write a unittest.TestCase class TestCase{i} whose test_{i}_raises method checks with "
-            f"self.assertRaises(KeyError) that a mocked os.environ lookup number {i} fails, plus setUp/tearDown"
+            f"self.assertRaises(KeyError) that a mocked os.environ lookup number {i} fails, plus setUp/tearDown "
+            f"(données réelles, ✓ {i})"
             for i in range(n)]
 
 
@@ -133,7 +134,8 @@ def test_monitor_flow_decisions_runs_and_alerts(project, champion):
     records = write_log(settings, champion, drifted_prompts(40), seed=3)
     assert len(list(settings.path(settings.serving.log_dir).glob("requests-*.jsonl"))) > 1
     result = monitor_flow(config, [])
-    assert result["decision"] == "drift" and "prompt" in result["drifted_columns"]
+    assert result["decision"] == "drift" and result["drift_share"] >= 0.5
+    assert {"prompt", "prompt_chars", "prompt_byte_fallback_share"} <= set(result["drifted_columns"])
     assert result["model_version"] == "1" and result["n_current"] == WINDOW
     assert result["window"] == {"start": records[-WINDOW]["ts"], "end": records[-1]["ts"], "n": WINDOW}
     assert result["event_id"]
