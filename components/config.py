@@ -235,6 +235,10 @@ class RateLimitConfig(Section):
     storage: str | None = Field(None, description="limits storage URI (redis://host:6379); None = in memory")
 
 
+# What serving.upstream_command may use (components/serving/upstream.py fills them in).
+UPSTREAM_PLACEHOLDERS = ("model_dir", "tokenizer_dir", "port", "name", "python", "llmcycle", "version")
+
+
 class ServingConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -260,6 +264,41 @@ class ServingConfig(Section):
                                    "(data/serving/server.log, server.pid); `make run` turns it on")
     start_timeout_s: float = Field(300.0, gt=0, description="how long the deploy flow waits for a server it "
                                    "started to answer /readyz")
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin", description="what generates: builtin (the project's batching engine, CPU or GPU) | vllm (an "
+                               "OpenAI-compatible upstream such as `vllm serve` on a GPU; this server stays in front "
+                               "for keys, limits, request log, metrics and version swaps)")
+    upstream_command: str = Field(
+        "vllm serve {model_dir} --tokenizer {tokenizer_dir} --host 127.0.0.1 --port {port} --served-model-name {name}",
+        description="engine=vllm: the command that starts one upstream per model version (run in the project root); "
+                    "placeholders: " + ", ".join("{%s}" % p for p in UPSTREAM_PLACEHOLDERS))
+    upstream_url: str | None = Field(None, description="engine=vllm: an externally managed upstream "
+                                     "(http://host:port) instead of starting one; version swaps then only relabel")
+    upstream_start_timeout_s: float = Field(900.0, gt=0, description="engine=vllm: how long a started upstream may "
+                                            "take to answer a warm-up completion (vLLM loads and compiles first)")
+
+    @field_validator("upstream_command")
+    @classmethod
+    def _upstream_placeholders(cls, v: str) -> str:
+        import string
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid command template: {exc}") from None
+        unknown = names - set(UPSTREAM_PLACEHOLDERS)
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; known: {list(UPSTREAM_PLACEHOLDERS)}")
+        missing = {"model_dir", "port"} - names
+        if missing:
+            raise ValueError(f"must contain {{model_dir}} and {{port}} (missing: {sorted(missing)})")
+        return v
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s):// URL, got {v!r}")
+        return v.rstrip("/") if v else v
 
 
 # Columns the drift report compares (components/monitoring/descriptors.py); "embedding" when enabled.

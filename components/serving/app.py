@@ -188,7 +188,9 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                 for j in range(req.n):
                     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                             stop=req.stops, seed=None if req.seed is None else req.seed + j)
-                    handles.append(served.engine.submit(row, params))
+                    # An upstream engine (serving.engine=vllm) forwards the templated text itself.
+                    kw = {"text": texts[p]} if getattr(served.engine, "takes_text", False) else {}
+                    handles.append(served.engine.submit(row, params, **kw))
                     jobs.append((p, row))
         except QueueFull as exc:
             for h in handles:
@@ -198,7 +200,8 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         rid = S.new_id("chatcmpl" if chat else "cmpl")
         headers = {"X-Model-Version": served.ref.version, "X-Request-Id": rid}
         route = request.url.path
-        state = [{"text": [], "lps": [], "n": 0, "finish": None} for _ in handles]
+        state = [{"text": [], "lps": [], "n": 0, "finish": None, "toks": []} for _ in handles]
+        want_lp = not chat and req.logprobs is not None
         first = [None]
 
         def record(i: int) -> None:
@@ -225,6 +228,7 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                 st["n"] += 1
             if ev.logprob is not None:
                 st["lps"].append(ev.logprob)
+                st["toks"].append((ev.text, ev.logprob))
             if ev.finish_reason is not None:
                 st["finish"] = ev.finish_reason
                 record(i)
@@ -236,7 +240,7 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         if req.stream:
             async def sse() -> AsyncIterator[bytes]:
                 try:
-                    opened = set()
+                    opened, sent = set(), [0] * len(handles)
                     async for i, ev in merge(handles):
                         consume(i, ev)
                         if ev.finish_reason == "error":   # OpenAI's way: an error object inside the stream
@@ -248,6 +252,9 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                         if ev.text or finish or (chat and i not in opened):
                             c = S.chunk(rid, label, fp, i, ev.text, finish, chat, first=i not in opened)
                             opened.add(i)
+                            if want_lp:   # the tokens since the last chunk (some decode to no text yet)
+                                c["choices"][0]["logprobs"] = S.logprobs_block(state[i]["toks"][sent[i]:])
+                                sent[i] = len(state[i]["toks"])
                             yield f"data: {json.dumps(c)}\n\n".encode()
                     if req.stream_options and req.stream_options.include_usage:
                         c = {**S.chunk(rid, label, fp, 0, None, None, chat), "choices": [], "usage": totals()}
@@ -285,7 +292,8 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                                 "finish_reason": finish})
             else:
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+                choices.append({"index": i, "text": text, "finish_reason": finish,
+                                "logprobs": S.logprobs_block(st["toks"]) if want_lp else None})
         return JSONResponse(S.completion_response(rid, label, fp, choices, totals(), chat), headers=headers)
 
     @app.post("/v1/completions")

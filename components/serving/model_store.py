@@ -145,6 +145,9 @@ class ModelStore:
         from components.model.build import load_causal_lm
 
         with self._load_lock:
+            if self.settings.serving.engine == "vllm":   # generation on an upstream process (upstream.py)
+                from components.serving.upstream import load_served
+                return load_served(self.settings, ref)
             t0 = time.perf_counter()
             model, tokenizer = load_causal_lm(self.settings, ref.uri)
             model.eval()

@@ -56,6 +56,7 @@ class _Sampling(_Req):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)   # answered with the sampled tokens' log-probs only
 
     @field_validator("prompt")
     @classmethod
@@ -135,6 +136,12 @@ def chunk(rid: str, model: str, fingerprint: str, index: int, text: str | None, 
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
+
+
+def logprobs_block(pairs: list[tuple[str, float]]) -> dict:
+    """Legacy completions `logprobs` for (token text, log-prob) pairs; top_logprobs are not computed."""
+    return {"tokens": [t for t, _ in pairs], "token_logprobs": [lp for _, lp in pairs], "top_logprobs": None,
+            "text_offset": None}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
