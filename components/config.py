@@ -249,8 +249,8 @@ class ServingConfig(Section):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     max_batch: int = Field(16, ge=1, description="sequences decoded together by the engine")
     torch_threads: int = Field(0, ge=0, description="torch threads of the engine's decode loop (0: torch's "
-                               "default, one per core); fewer than the cores leaves one to the HTTP event loop "
-                               "(on 2 cores 1 was faster at 16 clients, benchmarks/README.md)")
+                               "default, one per core); fewer than the cores leaves CPU to the HTTP event loop "
+                               "(on 2 cores not shown to pay yet, benchmarks/README.md)")
     max_queue: int = Field(64, ge=1, description="waiting requests before 503 + Retry-After")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (also bounded by the context)")
     max_n: int = Field(8, ge=1, description="most choices (n) per request")
