@@ -24,6 +24,7 @@ import torch
 
 from components.model.build import stop_token_ids
 from components.serving.kv_cache import LlamaKVRunner
+from components.serving.sampling import sample_row, stop_prefix_len
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +192,6 @@ class _Seq:
     read_off: int = 0              # tail of text already known; only tokens from prefix_off are re-decoded
     prefix_text: str = ""
     last: int = -1                 # the token to feed at the next decode step
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that begins some stop string (held back until resolved)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 class Engine:
@@ -422,7 +412,7 @@ class Engine:
         picks = logits.max(dim=-1).indices
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                picks[i] = _sample_row(logits[i], s.handle.params, s.generator)
+                picks[i] = sample_row(logits[i], s.handle.params, s.generator)
         chosen = logp.gather(1, picks[:, None])[:, 0]
         for s, tok, lp in zip(seqs, picks.tolist(), chosen.tolist()):
             self._advance(s, tok, lp)
@@ -447,7 +437,7 @@ class Engine:
             h._emit(TokenEvent(tok, text[s.sent:cut] if cut > s.sent else "", lp))
             s.sent = max(s.sent, cut)
             return self._finish(s, "stop", flush=False)
-        safe = len(text) - _stop_prefix_len(text, stops)
+        safe = len(text) - stop_prefix_len(text, stops)
         h._emit(TokenEvent(tok, text[s.sent:safe] if safe > s.sent else "", lp))
         s.sent = max(s.sent, safe)
         if len(s.tokens) >= s.max_new or s.pos >= self.block:
@@ -490,16 +480,3 @@ def _deliver(items: list[tuple[GenerationHandle, TokenEvent]]) -> None:
     """On the listeners' event loop: a step's events, in order, into their handles' queues."""
     for h, ev in items:
         h._aq.put_nowait(ev)
-
-
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """Temperature then nucleus (top_p) filtering, as HF's warpers do, then one draw from gen."""
-    scores = logits / p.temperature                                            # (V,)
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - p.top_p)
-        remove[-1] = False                                                     # keep at least the top token
-        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
