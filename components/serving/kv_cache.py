@@ -52,10 +52,13 @@ def _rows(fn: Any):
 
 
 def _residual(linear: Any):
-    """(x, h) -> x + linear(h): one addmm for a plain Linear (bit-identical to mm then add on CPU, checked)."""
+    """(x, h) -> x + linear(h): one addmm for a plain fp32 Linear (bit-identical to mm then add on CPU,
+    checked); in bf16/fp16 addmm would skip HF's rounding of the projection before the add, so mm + add."""
     if _plain(linear):
         wt = linear.weight.detach().t()
-        return lambda x, h: torch.addmm(x, h, wt)
+        if wt.dtype == torch.float32 and wt.device.type == "cpu":
+            return lambda x, h: torch.addmm(x, h, wt)
+        return lambda x, h: x + torch.mm(h, wt)
     return lambda x, h: x + linear(h)
 
 
