@@ -138,3 +138,19 @@ def test_window_errors_name_the_file_and_line(tmp_path):
 def test_unique_prompts_keeps_the_first_of_each():
     recs = [{"prompt": p} for p in ["a", "b", "a", "c", "b"]]
     assert unique_prompts(recs, lambda r: r["prompt"]) == [0, 1, 3]
+
+
+def test_embedding_drift_when_enabled():
+    rng = np.random.default_rng(5)
+    cfg = CFG.model_copy(update={"embeddings": True})
+
+    def with_emb(rs, shift):
+        for r in rs:
+            r["embedding"] = [float(x) for x in rng.normal(shift, 1.0, 8)]
+        return rs
+    same = drift.compare(with_emb(rows(rng, 150), 0.0), with_emb(rows(rng, 60), 0.0), cfg)
+    moved = drift.compare(with_emb(rows(rng, 150), 0.0), with_emb(rows(rng, 60), 1.0), cfg)
+    assert not same.scores["embedding"]["drifted"] and moved.scores["embedding"]["drifted"]
+    assert moved.scores["embedding"]["threshold"] == cfg.text_threshold and len(moved.scores) == 11
+    missing = drift.compare(rows(rng, 150), rows(rng, 60), cfg)       # rows without embeddings: said, not hidden
+    assert "embedding" in missing.skipped and "embedding" not in missing.scores
