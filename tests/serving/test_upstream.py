@@ -142,3 +142,36 @@ def test_a_failed_upstream_start_keeps_the_old_version(proxy, registry):
     ok = httpx.post(f"{base}/v1/completions", headers=auth(), timeout=60,
                     json={"model": "llmcycle", "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200 and ok.headers["x-model-version"] == before.ref.version
+
+
+def test_the_in_flight_bound_answers_queue_full(registry):
+    from components.serving.engine import QueueFull, SamplingParams
+    from components.serving.upstream import UpstreamEngine
+
+    settings = cfg.load(registry.root / "params.yaml", ["serving.max_batch=1", "serving.max_queue=1"])
+    engine = UpstreamEngine("http://127.0.0.1:9", settings)   # never contacted: nothing is iterated
+    first, _ = engine.submit([], SamplingParams(), text="a"), engine.submit([], SamplingParams(), text="b")
+    with pytest.raises(QueueFull):
+        engine.submit([], SamplingParams(), text="c")
+    first.cancel()                                             # a cancelled request gives its place back
+    engine.submit([], SamplingParams(), text="d")
+    assert engine.stats["requests_rejected"] == 1 and engine.stats["running"] == 2
+
+
+def test_leaving_a_stream_early_cancels_it_and_frees_its_place(proxy):
+    import asyncio
+    import contextlib
+
+    from components.serving.engine import SamplingParams
+
+    engine = proxy[1].state.store.current.engine
+
+    async def first_token_then_leave():
+        h = engine.submit([], SamplingParams(max_tokens=100, temperature=1.0, seed=1), text="def f(")
+        async with contextlib.aclosing(h.aevents()) as events:   # what merge() does when a client hangs up
+            async for ev in events:
+                assert ev.token_id is not None and ev.logprob is not None
+                break
+        return h
+    handle = asyncio.run(first_token_then_leave())
+    assert handle.finish_reason == "cancelled" and engine.stats["running"] == 0
