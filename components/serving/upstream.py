@@ -94,7 +94,10 @@ def request_body(model: str, text: str, p: SamplingParams) -> dict:
     """The OpenAI /v1/completions body for one prompt text and the engine's sampling parameters."""
     body: dict[str, Any] = {"model": model, "prompt": text, "max_tokens": p.max_tokens, "temperature": p.temperature,
                             "top_p": p.top_p, "stream": True, "logprobs": 1,
-                            "stream_options": {"include_usage": True}}
+                            "stream_options": {"include_usage": True},
+                            # vLLM's extension: the text is tokenized as this server counted it (no BOS added);
+                            # servers that do not know the field ignore it.
+                            "add_special_tokens": False}
     if p.stop:
         body["stop"] = list(p.stop)
     if p.seed is not None:
