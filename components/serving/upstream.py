@@ -7,7 +7,9 @@ streamed POST /v1/completions of the prompt text this server already templated, 
 for (mean_logprob in the log; None when the upstream sends none). start_upstream() runs one upstream
 process per model version from serving.upstream_command; stop() ends it once the store has drained it.
 Compromises: with serving.upstream_url (an externally managed upstream) a version swap only relabels;
-token ids are not known here (events carry 0), counts come from the logprobs or the upstream's usage.
+token ids are not known here (events carry 0), counts come from the logprobs or the upstream's usage;
+an upstream runs in its own process group (stopped with its workers), so a server killed with SIGKILL
+leaves it running (its log, data/serving/upstream-v<version>-<port>.log, names it).
 """
 from __future__ import annotations
 
@@ -163,6 +165,8 @@ class UpstreamEngine:
 
     # ---------------------------------------------------------------- requests
     def submit(self, prompt_ids: list[int], params: SamplingParams, text: str | None = None) -> UpstreamHandle:
+        if text is None:   # re-decoding ids could differ from what the client sent: the caller passes it
+            raise ValueError("UpstreamEngine.submit needs the prompt text (submit(ids, params, text=...))")
         if self._closed:
             raise RuntimeError("engine is stopped")
         with self._lock:
@@ -171,12 +175,7 @@ class UpstreamEngine:
                 raise QueueFull(f"upstream busy ({self._inflight} requests in flight)", retry_after=1)
             self._inflight += 1
             self._stats["submitted"] += 1
-        if text is None:   # the builtin engine's signature: only ids; the prompt is then their decoding
-            text = self.decode(prompt_ids)
         return UpstreamHandle(self, text, params)
-
-    def decode(self, ids: list[int]) -> str:
-        raise RuntimeError("UpstreamEngine needs the prompt text (submit(..., text=...)) or a tokenizer")
 
     def _release(self) -> None:
         with self._lock:

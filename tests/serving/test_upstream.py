@@ -175,3 +175,16 @@ def test_leaving_a_stream_early_cancels_it_and_frees_its_place(proxy):
         return h
     handle = asyncio.run(first_token_then_leave())
     assert handle.finish_reason == "cancelled" and engine.stats["running"] == 0
+
+
+def test_bad_upstream_settings_are_config_errors_naming_the_key(registry):
+    from components.errors import ConfigError
+
+    params = registry.root / "params.yaml"
+    for override, words in [("serving.upstream_command=vllm serve {model} --port {port}", "{model}"),
+                            ("serving.upstream_command=vllm serve {model_dir}", "{port}"),
+                            ("serving.upstream_url=localhost:8000", "http"),
+                            ("serving.engine=tgi", "vllm")]:
+        with pytest.raises(ConfigError) as err:
+            cfg.load(params, [override])
+        assert override.split("=")[0] in str(err.value) and words.strip("{}") in str(err.value), str(err.value)
