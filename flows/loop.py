@@ -136,6 +136,13 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
     loop = settings.loop
     out: dict[str, Any] = {"lifecycle": lifecycle(config, overrides)}
     out["champion_before"] = _champion(settings)
+    if out["champion_before"] is None:
+        # A gate that rejects is a decision, not a failure: with nothing to serve the loop ends here.
+        dep = out["lifecycle"].get("deploy") or {}
+        out["stopped"] = (f"no champion to serve (the lifecycle's gate: {dep.get('decision')} "
+                          f"v{dep.get('version')}: {dep.get('reason')}); the rest of the loop did not run")
+        say(out["stopped"])
+        return out
     say(f"lifecycle done; champion v{out['champion_before']}; checking the model server")
     server = out["server"] = ensure_server_task(config, overrides)
     for stage, profile, n, feedback, seed in (
@@ -236,10 +243,12 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     dep = life.get("deploy") or {}
     server = result.get("server") or {}
     rows = [("lifecycle", life.get("lifecycle_run_id", ""),
-             f"gate {dep.get('decision')} v{dep.get('version')}: {dep.get('reason')}"),
-            ("server", "", f"{server.get('action')} at {server.get('url')}, serving v{server.get('version')}"
-                           + ("; still running (`llmcycle serve --stop` stops it)" if server.get("action") == "started"
-                              else ""))]
+             f"gate {dep.get('decision')} v{dep.get('version')}: {dep.get('reason')}")]
+    if result.get("stopped"):
+        return rows + [("loop", "", f"stopped: {result['stopped']}")]
+    rows.append(("server", "", f"{server.get('action')} at {server.get('url')}, serving v{server.get('version')}"
+                               + ("; still running (`llmcycle serve --stop` stops it)"
+                                  if server.get("action") == "started" else "")))
     for stage in ("baseline", "drifted"):
         mon = result.get(f"{stage}_monitor") or {}
         rows += [(f"{stage} traffic", "", _traffic_cell(result.get(f"{stage}_traffic"))),

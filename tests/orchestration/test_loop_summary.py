@@ -57,3 +57,11 @@ def test_a_cancelled_retrain_says_why_and_nothing_swaps():
     assert "gate" not in rows
     assert rows["swap"][1] == "champion unchanged: nothing to swap" and rows["champion"][1] == "v1 (kept)"
     assert champion_rows(result) == (None, [])
+
+
+def test_a_lifecycle_without_a_champion_stops_the_loop_with_the_gate_reason():
+    life = {"lifecycle_run_id": "L1", "deploy": {"decision": "reject", "version": "1", "reason": "success criteria not met"}}
+    rows = summary_rows({"lifecycle": life, "champion_before": None,
+                         "stopped": "no champion to serve (the lifecycle's gate: reject v1: success criteria not met)"})
+    assert [r[0] for r in rows] == ["lifecycle", "loop"]
+    assert rows[1][2].startswith("stopped: no champion to serve") and "success criteria not met" in rows[1][2]
