@@ -264,8 +264,11 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+# The retrain run's old-vs-new pairs (flows/retrain.py compare_task), in this order; others follow by name.
 DOMAINS = {"drifted": "drifted domain (held-out slice of the drifted window)",
-           "original_sft": "original domain (SFT test split before retraining)"}
+           "original_sft": "original domain (SFT test split before retraining)",
+           "test": "original domain (raw test split, the gate's guard)",
+           "sft": "SFT test split of the new data version (the gate's primary)"}
 
 
 def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]]:
@@ -280,8 +283,9 @@ def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]
         m = re.match(r"^(champion|challenger)_(.+)_bits_per_byte$", key)
         if m:
             table.setdefault(m.group(2), {})[m.group(1)] = value
-    return rt, [(DOMAINS.get(domain, domain), f"{v['champion']:.4f}", f"{v['challenger']:.4f}")
-                for domain, v in sorted(table.items()) if {"champion", "challenger"} <= set(v)]
+    order = [*[d for d in DOMAINS if d in table], *sorted(set(table) - set(DOMAINS))]
+    return rt, [(DOMAINS.get(d, d), f"{table[d]['champion']:.4f}", f"{table[d]['challenger']:.4f}")
+                for d in order if {"champion", "challenger"} <= set(table[d])]
 
 
 def print_loop_summary(result: dict) -> None:

@@ -27,7 +27,8 @@ def test_a_promoting_loop_lists_every_stage_with_its_run_and_the_swap():
                                               "challenger_drifted_bits_per_byte": 2.25,
                                               "champion_original_sft_bits_per_byte": 1.5,
                                               "challenger_original_sft_bits_per_byte": 1.5,
-                                              "challenger_test_bits_per_byte": 1.9}},
+                                              "challenger_test_bits_per_byte": 1.9,
+                                              "champion_x_bits_per_byte": 3.0, "challenger_x_bits_per_byte": 2.0}},
               "swap": {"swapped": True, "version": "2"}}
     rows = _rows(result)
     assert rows["lifecycle"][0] == "L1" and rows["monitor (baseline)"][0] == "M1"
@@ -41,8 +42,10 @@ def test_a_promoting_loop_lists_every_stage_with_its_run_and_the_swap():
     assert rows["swap"][1] == "server serves v2" and rows["champion"][1] == "v1 -> v2"
     rt, table = champion_rows(result)
     # Only figures measured for both models on the same rows: the challenger-only test figure is left out.
-    assert rt is result["drifted_retrain"] and [r[1:] for r in table] == [("2.5000", "2.2500"), ("1.5000", "1.5000")]
+    assert rt is result["drifted_retrain"]
+    assert [r[1:] for r in table] == [("2.5000", "2.2500"), ("1.5000", "1.5000"), ("3.0000", "2.0000")]
     assert table[0][0].startswith("drifted domain") and table[1][0].startswith("original domain")
+    assert table[2][0] == "x"        # a pair the table does not know yet still shows, under its own name
 
 
 def test_a_cancelled_retrain_says_why_and_nothing_swaps():
