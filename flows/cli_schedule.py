@@ -74,4 +74,7 @@ def register(app: typer.Typer) -> None:
                 deployments.serve(served, limit=limit)
         except KeyboardInterrupt:
             pass
+        except SystemExit as exc:       # Prefect's runner exits 0 on a SIGTERM that comes before it started
+            if exc.code not in (0, None):
+                raise
         typer.echo("schedule: stopped", err=True)
