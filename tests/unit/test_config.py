@@ -23,7 +23,7 @@ def test_project_params_yaml_is_valid_and_has_every_stage_section():
     s = cfg.load(ROOT / "params.yaml")
     assert s.root == ROOT
     sections = {"scoping", "data", "tokenizer", "model", "pretrain", "finetune", "sft", "reward", "dpo", "ppo",
-                "evaluate", "registry", "serving", "monitoring", "retrain"}
+                "evaluate", "registry", "serving", "monitoring", "retrain", "schedule", "loop"}
     # The file itself names every stage section (not only the defaults behind it), and nothing else.
     written = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(written) == sections == set(cfg.Settings.model_fields)
