@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any, AsyncIterator
 import httpx
 
 from components.config import Settings
+from components.orchestration import stop_group
 from components.serving.engine import QueueFull, SamplingParams, TokenEvent
 
 log = logging.getLogger("llmcycle.serving")
@@ -153,15 +153,7 @@ class UpstreamEngine:
         if proc is None or proc.poll() is not None:
             return
         log.info("stopping upstream pid %s (%s, version %s)", proc.pid, self.url, self.version)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)   # its own session: vLLM's engine workers go with it
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout or 30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc, timeout or 30)   # its own session: vLLM's engine workers go with it
 
     # ---------------------------------------------------------------- requests
     def submit(self, prompt_ids: list[int], params: SamplingParams, text: str | None = None) -> UpstreamHandle:
