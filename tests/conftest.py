@@ -1,7 +1,8 @@
 """Shared fixtures: tiny settings rooted in a temp project, tiny corpora, offline/quiet env.
 
 Every test gets its own project root (tmp_path) so the MLflow store, data/ and DVC never touch the
-checkout. Prefect tests share one session-scoped prefect_test_harness (see tests/flows/conftest.py).
+checkout. Prefect tests share one session-scoped prefect_test_harness (prefect_harness below: defined
+once here and requested by name, never imported into a test module, which would start a second one).
 """
 from __future__ import annotations
 
@@ -62,3 +63,33 @@ def tiny_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_settings(tiny_root: Path) -> cfg.Settings:
     return cfg.load(tiny_root / "params.yaml")
+
+
+def restart_events_worker() -> None:
+    """Stop Prefect's in-process EventsWorker (and its log workers) so the next event starts a fresh one on
+    the Prefect API in force now: the singleton is keyed by client type, not URL, so once started it keeps
+    sending to the server that was current then, even after that server stops."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=30, at_exit=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test harness (temporary server + database) for the whole session: no xdist (TRAPS.md).
+    Requested by name (tests/flows and tests/e2e conftests: autouse; monitoring modules: usefixtures)."""
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            restart_events_worker()          # events go to this harness, not a server an earlier test had
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,21 +1,15 @@
-"""One Prefect test harness (temporary server + database) for the whole session: no xdist (TRAPS.md)."""
+"""The flows' tests all run under the session's one Prefect harness (prefect_harness, tests/conftest.py)."""
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_harness(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(autouse=True)
+def _under_prefect_harness(prefect_harness):  # noqa: ARG001 (requested for its side effect)
+    pass
 
 
 def init_project(root: Path) -> None:

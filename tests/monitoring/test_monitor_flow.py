@@ -15,10 +15,11 @@ from components import config as cfg
 from components import tracking
 from components.data import layout
 from components.monitoring import alerts
-from tests.flows.conftest import prefect_harness  # noqa: F401 - the session's Prefect server
+from tests.conftest import restart_events_worker
 from tests.monitoring.test_alerts import receiver
 
-pytestmark = pytest.mark.slow
+# The session's one Prefect harness (requested by name: importing the fixture would start a second server).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 WINDOW = 30
 MONITORING = {"window": WINDOW, "min_window": 20, "reference_splits": ["train"], "reference_size": 100,
@@ -26,8 +27,10 @@ MONITORING = {"window": WINDOW, "min_window": 20, "reference_splits": ["train"],
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """v1 champion of a tiny project with SFT splits, and a webhook receiver named in params."""
+def project(tmp_path_factory, prefect_harness):
+    """v1 champion of a tiny project with SFT splits, and a webhook receiver named in params. The events
+    worker is restarted on the harness: the drift event must reach the server this module queries."""
+    restart_events_worker()
     from tests.serving.server_helpers import URI_VARS, build_registry
     from tests.unit.evaluation.test_evaluate import write_finetune_sets
 

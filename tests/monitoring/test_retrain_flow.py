@@ -13,7 +13,9 @@ import pytest
 
 from components import config as cfg
 from components import tracking
-from tests.flows.conftest import init_project, prefect_harness  # noqa: F401 - the session's Prefect server
+from tests.flows.conftest import init_project
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")   # the session's one Prefect server
 
 GITIGNORE = "data/\nmlflow/\ncheckpoints/\n.prefect/\ndvc-remote/\n"
 
