@@ -93,3 +93,14 @@ def prefect_harness(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def restored_environ():
+    """os.environ as it was before the test. For in-process CLI calls (CliRunner): the CLI sets process-wide
+    defaults for itself (PREFECT_LOGGING_LEVEL=WARNING, PREFECT_HOME...) that must not reach later tests'
+    child processes (a Prefect worker started with WARNING prints none of its flow runs' logs)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

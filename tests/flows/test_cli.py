@@ -6,10 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
 
+pytestmark = pytest.mark.usefixtures("restored_environ")    # the CLI runs in this process
 runner = CliRunner()
 
 

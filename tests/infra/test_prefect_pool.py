@@ -34,6 +34,13 @@ def write_requests(settings, n: int) -> None:
     log.close()
 
 
+def forget_project_store() -> None:
+    """mlflow exported the project's store (MLFLOW_TRACKING_URI): later tests in this process must not inherit it."""
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(k, None)
+    tracking._LAST_SET_URI = None
+
+
 @pytest.mark.timeout(420)
 def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
     import httpx
@@ -50,7 +57,7 @@ def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
         # What compose gives the worker (the image sets LLMCYCLE_APP_DIR=/app; here: this checkout).
         client_env = {**base_env, "PREFECT_API_URL": api, "PREFECT_WORK_POOL": POOL, "LLMCYCLE_APP_DIR": str(servers.REPO),
                       "LLMCYCLE_DVC_REMOTE": str(tmp_path / "dvc-remote"), "PREFECT_WORKER_QUERY_SECONDS": "2",
-                      "PYTHONPATH": str(servers.REPO)}
+                      "PYTHONPATH": str(servers.REPO), "PREFECT_LOGGING_LEVEL": "INFO"}   # worker.log: diagnostics
 
         def cli(*args: str) -> None:
             proc = subprocess.run(args, env=client_env, cwd=servers.REPO, capture_output=True, text=True, timeout=180)
@@ -78,9 +85,7 @@ def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
             project = tmp_path / "project"
             project.mkdir()
             settings = servers.tiny_champion(project)["settings"]  # the monitor's model, in the project's store
-            for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow exported the project's store: later tests
-                os.environ.pop(k, None)                                # in this process must not inherit it
-            tracking._LAST_SET_URI = None
+            forget_project_store()
             write_requests(settings, 3)          # fewer than monitoring.min_window: nothing to judge yet
             run = http.post(f"/deployments/{deployments['monitor']['id']}/create_flow_run", json={"parameters": {
                 "config": str(project / "params.yaml"), "overrides": [f"data.remote={tmp_path / 'dvc-remote'}"]}}).json()
@@ -93,8 +98,13 @@ def test_worker_on_a_process_pool_runs_the_monitor_deployment(tmp_path):
                     state = http.get(f"/flow_runs/{run['id']}").json()["state"]["type"]
             log = (tmp_path / "worker.log").read_text()[-4000:]
             assert state == "COMPLETED", f"monitor run ended {state}:\n{log}"
-            # The flow ran on the tiny project and judged its (empty) traffic: nothing to compare yet.
-            assert "monitor: insufficient_data" in log, log
+            # The flow ran on the tiny project and judged its 3 requests: nothing to compare yet. Its MLflow
+            # `monitor` run in the project's store says so (the worker's stdout depends on logging settings).
+            judged = tracking.newest_run(settings, "monitor")
+            forget_project_store()
+            assert judged is not None, f"no monitor run in the project's MLflow store:\n{log}"
+            assert judged.data.tags["decision"] == "insufficient_data", (judged.data.tags, log)
+            assert judged.data.metrics["window_n"] == 3 and judged.data.metrics["insufficient_data"] == 1.0
 
             # A drift event through this server makes the pool a retrain run (the worker is stopped now, so
             # it stays scheduled: retraining itself is tested in tests/monitoring and tests/orchestration).

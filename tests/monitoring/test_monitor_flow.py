@@ -172,7 +172,7 @@ def test_monitor_flow_decisions_runs_and_alerts(project, champion):
     assert events[0]["payload"]["monitor_run_id"] == result["monitor_run_id"]
 
 
-def test_cli_monitor_exit_codes(project, champion):
+def test_cli_monitor_exit_codes(project, champion, restored_environ):
     from typer.testing import CliRunner
 
     from flows.cli import app
