@@ -20,6 +20,19 @@ def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
+def _stopped_by_signal(exc: BaseException) -> bool:
+    """Ctrl-C / SIGTERM, however it surfaces: our handler raises KeyboardInterrupt; Prefect's runner installs
+    its own SIGTERM handler when it starts and calls sys.exit(0) when the signal lands before it is fully up
+    (deployments already registered), which an anyio task group may wrap in a BaseExceptionGroup."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, SystemExit):
+        return exc.code in (0, None)
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_stopped_by_signal(e) for e in exc.exceptions)
+    return False
+
+
 @contextlib.contextmanager
 def prefect_server_for(settings, ui: bool = True):
     """PREFECT_API_URL's server, or a local one on PREFECT_HOME (<root>/.prefect); yields the API URL with this
@@ -72,9 +85,7 @@ def register(app: typer.Typer) -> None:
                            f"  lifecycle/lifecycle  on demand, cron {lifecycle_cron}\n"
                            f"run one now: PREFECT_API_URL={api_url} prefect deployment run monitor/monitor", err=True)
                 deployments.serve(served, limit=limit)
-        except KeyboardInterrupt:
-            pass
-        except SystemExit as exc:       # Prefect's runner exits 0 on a SIGTERM that comes before it started
-            if exc.code not in (0, None):
+        except BaseException as exc:  # noqa: BLE001 (anything but a stop signal is re-raised)
+            if not _stopped_by_signal(exc):
                 raise
-        typer.echo("schedule: stopped", err=True)
+        typer.echo("schedule: stopped", err=True)     # click's echo flushes stderr

@@ -37,8 +37,9 @@ def test_schedule_starts_its_own_server_serves_and_stops_it(tmp_path):
         api_url = wait_for(announced, 120, "`llmcycle schedule` to announce its server").group(1)
         assert healthy(api_url)
         with client_for(api_url) as client:
-            # serve registers them one after the other
-            retrain, monitor, lifecycle = [wait_for(lambda: _deployment(client, name), 60, name)
+            # serve registers them one after the other, then its runner starts and polls for their runs: only
+            # then is it serving (a SIGTERM before that is Prefect's sys.exit(0), also handled; see the command)
+            retrain, monitor, lifecycle = [wait_for(lambda: _polled(client, name), 120, f"{name} to be served")
                                            for name in ("retrain/retrain", "monitor/monitor", "lifecycle/lifecycle")]
         assert monitor.schedules == [] and lifecycle.schedules == []      # --no-cron
         assert retrain.parameters == {"config": str(config), "overrides": [], "monitor_run_id": None}
@@ -53,11 +54,13 @@ def test_schedule_starts_its_own_server_serves_and_stops_it(tmp_path):
     assert not healthy(api_url)          # the server it started is gone with it
 
 
-def _deployment(client, name):
+def _polled(client, name):
+    """The deployment once a runner has polled for its runs (a fresh server: no earlier runner polled it)."""
     try:
-        return client.read_deployment_by_name(name)
+        found = client.read_deployment_by_name(name)
     except Exception:  # noqa: BLE001 (not registered yet)
         return None
+    return found if found.last_polled is not None else None
 
 
 def test_schedule_with_an_unreachable_prefect_api_url_fails_in_one_line(tmp_path):
