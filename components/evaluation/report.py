@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from typing import Any
 
 from components import tracking
@@ -46,11 +47,20 @@ def log_completions(table: list[dict[str, Any]]) -> None:
     mlflow.log_table(pd.DataFrame(table), artifact_file="evaluation/completions.json")
     data = pd.DataFrame({"inputs": [{"prompt": r["prompt"], "name": r["name"]} for r in table],
                          "outputs": [r["completion"] for r in table]})
+    # The harness's default thread pools write traces faster than a SQLite store's SQLAlchemy pool
+    # (5 + 10 connections) serves them: `make run` saw "QueuePool limit ... reached", a 30 s stall and
+    # lost traces. Two workers keep up with these code scorers on a small machine; a user's setting wins.
+    workers_unset = "MLFLOW_GENAI_EVAL_MAX_WORKERS" not in os.environ
+    if workers_unset:
+        os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = "2"
     try:
         mlflow.genai.evaluate(data=data, scorers=mlflow_scorers())
     except Exception as exc:  # noqa: BLE001 - the log_table copy above already holds the same rows
         log.warning("mlflow.genai.evaluate failed (%s); the table is still in evaluation/completions.json", exc)
         mlflow.set_tag("genai_evaluate_error", str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+    finally:
+        if workers_unset:
+            os.environ.pop("MLFLOW_GENAI_EVAL_MAX_WORKERS", None)
 
 
 # ----------------------------------------------------------------------------- plots
