@@ -6,6 +6,7 @@ main thread) makes every parallel region of the other pay futex wake-ups. This s
 `generate` and the engine's decode loop (stepped inline, no hand-off) in the main thread, first alone,
 then while a started engine thread that has decoded sits idle, then after it stopped. Same model as
 serve_bench (its make_bench); greedy, 128 new tokens, 4 prompts; tokens counted from what came back.
+`--clean hf|engine` measures one side per process (run both, one after the other, and compare).
 """
 from __future__ import annotations
 
@@ -41,13 +42,46 @@ def stepped_rate(engine: Engine, b, n: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def clean(b, mode: str, rounds: int) -> None:
+    """One side per process: `hf` (generate in the main thread) or `engine` (the engine's own thread; the
+    main thread is held to 1 torch thread so the engine thread owns the only OpenMP pool)."""
+    if mode == "hf":
+        one = [hf_rate(b, 4) for _ in range(rounds)]
+        seq = [hf_rate(b, 16) for _ in range(rounds)]
+        print(f"[{mode}] batch 1 (4 requests) {statistics.median(one):.0f} tok/s; "
+              f"16 sequential {statistics.median(seq):.0f} tok/s", flush=True)
+        return
+    engine = Engine(b.model, b.tokenizer, max_batch=16)
+    engine.start()
+    engine.warmup()
+    one, many = [], []
+    for _ in range(rounds):
+        t0, tokens = time.perf_counter(), 0
+        for p in b.prompts[:4]:
+            tokens += len(engine.submit(b.ids(p), SamplingParams(max_tokens=b.new_tokens)).result(600).token_ids)
+        one.append(tokens / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        handles = [engine.submit(b.ids(p), SamplingParams(max_tokens=b.new_tokens)) for p in b.prompts[:16]]
+        many.append(sum(len(h.result(600).token_ids) for h in handles) / (time.perf_counter() - t0))
+    engine.stop()
+    print(f"[{mode}] batch 1 (4 requests) {statistics.median(one):.0f} tok/s; "
+          f"16 concurrent {statistics.median(many):.0f} tok/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--clean", choices=["hf", "engine"], help="measure one side alone in this process")
     args = ap.parse_args()
+    if args.clean == "engine":
+        import torch
+        torch.set_num_threads(1)   # per thread: the main thread builds the model without a second pool
     b = serve_bench.make_bench(argparse.Namespace(preset="tiny", vocab=4096, new_tokens=128, concurrency=16, rounds=1,
                                                   int8=False, threads=0, server_threads=0, scenarios="batch1"))
+    if args.clean:
+        clean(b, args.clean, args.rounds)
+        return
     inline = Engine(b.model, b.tokenizer, max_batch=1)
     stepped_rate(inline, b, 1)
 
