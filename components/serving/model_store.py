@@ -8,6 +8,8 @@ Compromise: extras (llmcycle@challenger, a version number) load on first use and
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import threading
 import time
@@ -69,6 +71,22 @@ def default_engine_factory(model: Any, tokenizer: Any, settings: Settings, versi
     s = settings.serving
     return Engine(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, version=version,
                   threads=s.torch_threads)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Load on one torch thread. A loading thread that stays alive (the executor's, the alias poller) would
+    otherwise keep its own OpenMP pool: with more OpenMP workers than cores libgomp throttles its
+    spin-wait and every decode step of the engine thread pays futex wake-ups (benchmarks/serve_pools.py:
+    ~3x slower at batch 1). The setting is per thread in OpenMP; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ModelStore:
@@ -149,10 +167,11 @@ class ModelStore:
                 from components.serving.upstream import load_served
                 return load_served(self.settings, ref)
             t0 = time.perf_counter()
-            model, tokenizer = load_causal_lm(self.settings, ref.uri)
-            model.eval()
-            model, precision, why = self._precision(model, ref)
-            engine = self.engine_factory(model, tokenizer, self.settings, ref.version)
+            with _one_torch_thread():
+                model, tokenizer = load_causal_lm(self.settings, ref.uri)
+                model.eval()
+                model, precision, why = self._precision(model, ref)
+                engine = self.engine_factory(model, tokenizer, self.settings, ref.version)
             engine.start()
             try:
                 engine.warmup()
