@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import os
 
+from components import config as cfg
+from components import tracking
 from components.evaluation.report import log_completions
 
 
 def test_every_completion_gets_its_trace_on_a_sqlite_store(tmp_path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("report")
+    (tmp_path / "params.yaml").write_text("")
+    tracking.configure(cfg.load(tmp_path / "params.yaml"))   # the project's store: sqlite + mlflow/artifacts
     rows = [{"prompt": f"def f{i}(x):", "name": f"f{i}", "completion": f"def f{i}(x):\n    return x",
              "syntax_valid": 1, "defines_name": 1} for i in range(32)]
     with mlflow.start_run() as run:
