@@ -33,7 +33,7 @@ class Server:
     """`llmcycle serve` in a child process; base URL once /readyz answers 200."""
 
     def __init__(self, model, tokenizer, quantize: str = "none", max_batch: int = 16, threads: int = 0,
-                 timeout: float = 180.0):
+                 omp_threads: int = 0, timeout: float = 180.0):
         import httpx
 
         self.dir = tempfile.TemporaryDirectory(prefix="serve-bench-")
@@ -48,8 +48,9 @@ class Server:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         import torch
+        # The bench's --threads, for the server too (serve_bench's own main thread is held at 1 torch thread).
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
-               "OMP_NUM_THREADS": str(torch.get_num_threads())}   # the bench's --threads, for the server too
+               "OMP_NUM_THREADS": str(omp_threads or torch.get_num_threads())}
         self.log = open(root / "server.log", "w")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("llmcycle")), "serve", "--config", str(root / "params.yaml"),
@@ -143,8 +144,9 @@ async def _drive(base: str, prompts: list[str], clients: int, new_tokens: int):
 
 def scenarios(row_cls, baseline) -> dict:
     """Scenarios `(Bench) -> (baseline Row, HTTP Row)` for 1, 4 and 16 clients; serve_bench passes its Row
-    class and its sequential HF baseline. The server starts at the first use, once per run, and serves the
-    bench's fp32 model (quantized by the server itself when the bench runs --int8)."""
+    class and its HF baseline (`(Bench, requests) -> Row`: the rows its child process measured). The server
+    starts at the first use, once per run, and serves the bench's fp32 model (quantized by the server itself
+    when the bench runs --int8)."""
     def http_row(server: Server, prompts: list[str], clients: int, new_tokens: int):
         out, wall = asyncio.run(_drive(server.base, prompts, clients, new_tokens))
         return row_cls(f"HTTP server, {clients} client{'s' if clients > 1 else ''}", sum(t for _, _, t in out),
@@ -154,7 +156,7 @@ def scenarios(row_cls, baseline) -> dict:
         def scenario(b):
             if b.server is None:
                 b.server = Server(b.fp32_model, b.tokenizer, quantize="int8" if b.int8 else "none",
-                                  max_batch=b.concurrency, threads=b.server_threads)
+                                  max_batch=b.concurrency, threads=b.server_threads, omp_threads=b.threads)
                 b.closers.append(b.server.close)
                 http_row(b.server, b.prompts[:2], 2, 8)   # warm the HTTP path (connections, first requests)
             return baseline(b, len(b.prompts)), http_row(b.server, b.prompts, clients, b.new_tokens)
