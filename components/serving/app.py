@@ -7,6 +7,7 @@ events. Every response names the model version (`model`, `system_fingerprint`, X
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,10 +23,10 @@ from components.config import Settings
 from components.serving import schemas as S
 from components.serving.auth import KeyRing
 from components.serving.limits import RateLimiter
-from components.serving.metrics import Metrics
+from components.serving.metrics import CountRequests, Metrics
 from components.serving.model_store import ModelStore, Served, UnknownModel
 from components.serving.request_log import RequestLog
-from components.serving.streams import merge, openai_finish
+from components.serving.streams import merge, merge_batches, openai_finish
 
 log = logging.getLogger("llmcycle.serving")
 
@@ -83,12 +84,7 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         return JSONResponse(S.error_body("internal server error", "server_error", None, "internal_error"),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
-        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics, known_routes=KNOWN_ROUTES)
 
     def authorize(request: Request) -> str:
         kid = keys.check(request.headers.get("authorization"))
@@ -219,8 +215,8 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
 
         def consume(i: int, ev) -> None:
             st = state[i]
-            if first[0] is None and ev.token_id is not None:
-                first[0] = time.perf_counter()
+            if first[0] is None and ev.token_id is not None:   # the engine's clock when it has one (afinal)
+                first[0] = getattr(handles[i], "first_token_at", None) or time.perf_counter()
                 metrics.ttft.labels(route=route).observe(first[0] - t0)
             if ev.text:
                 st["text"].append(ev.text)
@@ -238,28 +234,41 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
 
         label, fp = served.ref.label, served.fingerprint
         if req.stream:
+            enc = S.ChunkEncoder(rid, label, fp, chat)
+
+            def sse_event(i: int, ev, opened: set, sent: list) -> bytes:
+                if ev.finish_reason == "error":   # OpenAI's way: an error object inside the stream
+                    return enc.event(S.error_body(f"generation of choice {i} failed in the engine", "server_error",
+                                                  None, "engine_error"))
+                finish = openai_finish(ev.finish_reason)
+                first = chat and i not in opened
+                if not (ev.text or finish or first):
+                    return b""
+                opened.add(i)
+                if not (finish or first or want_lp):
+                    return enc.text(i, ev.text)       # the per-token case: cached JSON around the text
+                c = enc.chunk(i, ev.text, finish, first=first)
+                if want_lp:   # the tokens since the last chunk (some decode to no text yet)
+                    c["choices"][0]["logprobs"] = S.logprobs_block(state[i]["toks"][sent[i]:])
+                    sent[i] = len(state[i]["toks"])
+                return enc.event(c)
+
             async def sse() -> AsyncIterator[bytes]:
                 try:
                     opened, sent = set(), [0] * len(handles)
-                    async for i, ev in merge(handles):
-                        consume(i, ev)
-                        if ev.finish_reason == "error":   # OpenAI's way: an error object inside the stream
-                            err = S.error_body(f"generation of choice {i} failed in the engine", "server_error",
-                                               None, "engine_error")
-                            yield f"data: {json.dumps(err)}\n\n".encode()
-                            continue
-                        finish = openai_finish(ev.finish_reason)
-                        if ev.text or finish or (chat and i not in opened):
-                            c = S.chunk(rid, label, fp, i, ev.text, finish, chat, first=i not in opened)
-                            opened.add(i)
-                            if want_lp:   # the tokens since the last chunk (some decode to no text yet)
-                                c["choices"][0]["logprobs"] = S.logprobs_block(state[i]["toks"][sent[i]:])
-                                sent[i] = len(state[i]["toks"])
-                            yield f"data: {json.dumps(c)}\n\n".encode()
+                    # One write per group of ready events: under load the loop runs behind the engine.
+                    async with contextlib.aclosing(merge_batches(handles)) as groups:   # a hang-up cancels
+                        async for group in groups:
+                            out = []
+                            for i, ev in group:
+                                consume(i, ev)
+                                out.append(sse_event(i, ev, opened, sent))
+                            if any(out):
+                                yield b"".join(out)
+                    tail = []
                     if req.stream_options and req.stream_options.include_usage:
-                        c = {**S.chunk(rid, label, fp, 0, None, None, chat), "choices": [], "usage": totals()}
-                        yield f"data: {json.dumps(c)}\n\n".encode()
-                    yield b"data: [DONE]\n\n"
+                        tail.append(enc.event({**enc.chunk(0, None, None), "choices": [], "usage": totals()}))
+                    yield b"".join(tail) + b"data: [DONE]\n\n"
                     metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
                 finally:
                     served.release()
@@ -267,6 +276,11 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                                      headers={**headers, "Cache-Control": "no-cache"})
 
         async def collect() -> None:
+            if all(hasattr(h, "afinal") for h in handles):   # nothing is sent before the end: wake once
+                for i, events in enumerate(await asyncio.gather(*(h.afinal() for h in handles))):
+                    for ev in events:
+                        consume(i, ev)
+                return
             async for i, ev in merge(handles):
                 consume(i, ev)
         task = asyncio.ensure_future(collect())

@@ -87,6 +87,8 @@ class GenerationHandle:
         self.completion_tokens = 0
         self.cancelled = False
         self._q: queue.Queue[TokenEvent] = queue.Queue()
+        self._finished = threading.Event()     # set with the final event: result() sleeps until then
+        self._final: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None   # afinal()'s waiter
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aq: asyncio.Queue | None = None
@@ -116,6 +118,13 @@ class GenerationHandle:
         with self._lock:
             if self._aq is None:
                 self._q.put(ev)
+                if ev.finish_reason is not None:
+                    self._finished.set()
+                    if self._final is not None:
+                        try:
+                            self._final[0].call_soon_threadsafe(_resolve, self._final[1])
+                        except RuntimeError:  # the waiter's event loop is closed
+                            pass
                 return
             eng = self.engine
             if eng._deferred is not None and eng._step_thread == threading.get_ident():
@@ -146,17 +155,21 @@ class GenerationHandle:
             if not finished:
                 self.cancel()
 
-    async def aevents(self) -> AsyncIterator[TokenEvent]:
-        """Async iterator for FastAPI: never blocks the event loop. Leaving early (disconnect) cancels."""
+    def _listen(self) -> asyncio.Queue:
+        """From now on events go to an asyncio queue of the running loop (those already queued move over)."""
         with self._lock:
             if self._aq is None:
                 self._loop, self._aq = asyncio.get_running_loop(), asyncio.Queue()
                 while not self._q.empty():          # events that arrived before anyone listened
                     self._aq.put_nowait(self._q.get_nowait())
-        finished = False
+        return self._aq
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        """Async iterator for FastAPI: never blocks the event loop. Leaving early (disconnect) cancels."""
+        aq, finished = self._listen(), False
         try:
             while True:
-                ev = await self._aq.get()
+                ev = await aq.get()
                 finished = ev.finish_reason is not None
                 yield ev
                 if finished:
@@ -165,8 +178,51 @@ class GenerationHandle:
             if not finished:
                 self.cancel()
 
+    async def abatches(self) -> AsyncIterator[list[TokenEvent]]:
+        """aevents() in groups: each group is every event delivered by the time the listener took one (a
+        streamed response writes a group at once when its event loop runs behind the engine)."""
+        aq, finished = self._listen(), False
+        try:
+            while True:
+                group = [await aq.get()]
+                while not aq.empty():
+                    group.append(aq.get_nowait())
+                finished = group[-1].finish_reason is not None
+                yield group
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
+    async def afinal(self) -> list[TokenEvent]:
+        """Every event at once, when the request finishes: the event loop wakes once per request instead of
+        once per step (a response that is not streamed needs nothing sooner). Cancelling the awaiting task
+        (a client hung up) cancels the sequence."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if self._aq is not None:
+                raise RuntimeError("this request is already read as a stream (aevents)")
+            self._final = (loop, fut)
+            finished = self._finished.is_set()
+        if not finished:
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+        events = []
+        while not self._q.empty():
+            events.append(self._q.get_nowait())
+        return events
+
     def result(self, timeout: float | None = None) -> Completion:
-        """Consume events() into one Completion."""
+        """The whole completion (timeout bounds the wait for it: TimeoutError). The caller sleeps until the
+        final event instead of waking for every token: a thread taking the GIL per token slows the engine's
+        loop (each hand-off is a GIL switch between the two threads)."""
+        if self._aq is None and not self._finished.wait(timeout):
+            raise TimeoutError(f"generation not finished within {timeout} s")
         text, ids, lps, reason = [], [], [], "error"
         for ev in self.events(timeout):
             text.append(ev.text)
@@ -474,6 +530,11 @@ class Engine:
                 self.runner.move(s.slot, i, s.pos)
                 s.slot = i
         self._active = survivors
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _deliver(items: list[tuple[GenerationHandle, TokenEvent]]) -> None:

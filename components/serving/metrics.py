@@ -55,3 +55,30 @@ class Metrics:
             except Exception:  # noqa: BLE001 - a scrape never fails because a gauge could not be read
                 pass
         return generate_latest(self.registry)
+
+
+class CountRequests:
+    """Pure ASGI middleware: counts every HTTP request by route and final status.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware pipes every body message of a streamed
+    response through an extra task and memory stream, a cost paid per token in SSE responses. A request
+    whose handler raised (no response started) counts as 500, as the server answers it.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics, known_routes: set[str]):
+        self.app, self.metrics, self.known = app, metrics, known_routes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope["path"] if scope["path"] in self.known else "other"
+            self.metrics.requests.labels(route=route, status=str(status[0])).inc()

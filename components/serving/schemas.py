@@ -6,6 +6,7 @@ fields are ignored, as many OpenAI-compatible servers do, so newer clients keep 
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
@@ -126,7 +127,7 @@ def completion_response(rid: str, model: str, fingerprint: str, choices: list[di
 
 
 def chunk(rid: str, model: str, fingerprint: str, index: int, text: str | None, finish: str | None,
-          chat: bool, first: bool = False) -> dict:
+          chat: bool, first: bool = False, created: int | None = None) -> dict:
     if chat:
         delta: dict = {"role": "assistant"} if first else {}
         if text:
@@ -134,8 +135,37 @@ def chunk(rid: str, model: str, fingerprint: str, index: int, text: str | None, 
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()) if created is None else created, "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
+
+
+class ChunkEncoder:
+    """SSE `data:` events of one streamed response, all with the same `created` (as OpenAI's are).
+
+    text() is the per-token case (a text delta, no finish, no logprobs): the chunk's JSON is cached
+    around its text, so each token costs one json.dumps of a string; its bytes equal event(chunk(...)).
+    """
+    _HOLE = "\x00text\x00"
+
+    def __init__(self, rid: str, model: str, fingerprint: str, chat: bool):
+        self.rid, self.model, self.fingerprint, self.chat = rid, model, fingerprint, chat
+        self.created = int(time.time())
+        self._around: dict[int, tuple[str, str]] = {}
+
+    def chunk(self, index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        return chunk(self.rid, self.model, self.fingerprint, index, text, finish, self.chat, first, self.created)
+
+    @staticmethod
+    def event(obj: dict) -> bytes:
+        return f"data: {json.dumps(obj)}\n\n".encode()
+
+    def text(self, index: int, text: str) -> bytes:
+        around = self._around.get(index)
+        if around is None:
+            hole = json.dumps(self._HOLE)
+            head, tail = self.event(self.chunk(index, self._HOLE, None)).decode().split(hole)
+            around = self._around[index] = (head, tail)
+        return (around[0] + json.dumps(text) + around[1]).encode()
 
 
 def logprobs_block(pairs: list[tuple[str, float]]) -> dict:
