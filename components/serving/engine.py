@@ -248,6 +248,7 @@ class _Seq:
     read_off: int = 0              # tail of text already known; only tokens from prefix_off are re-decoded
     prefix_text: str = ""
     last: int = -1                 # the token to feed at the next decode step
+    stops: list[str] = field(default_factory=list)   # the request's non-empty stop strings
 
 
 class Engine:
@@ -294,6 +295,7 @@ class Engine:
         self._stats = collections.Counter()
         self._peak_running = 0
         self._deferred: dict | None = None      # event loop -> [(handle, event)] held during a step
+        self._fed: tuple[list, torch.Tensor] | None = None   # (the batch list, its last picks)
         self._step_thread: int | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -412,7 +414,7 @@ class Engine:
             if seq.handle.cancelled:
                 self._finish(seq, "cancelled")
         self._compact()
-        while len(self._active) < self.max_batch:
+        while len(self._active) < self.max_batch and self._waiting:   # (re-checked under the lock)
             with self._cv:
                 if not self._waiting:
                     break
@@ -435,7 +437,8 @@ class Engine:
         if p.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
-        seq = _Seq(handle, slot=len(self._active), pos=len(handle.prompt_ids), max_new=max_new, generator=gen)
+        seq = _Seq(handle, slot=len(self._active), pos=len(handle.prompt_ids), max_new=max_new, generator=gen,
+                   stops=[x for x in p.stop if x])
         self._active.append(seq)
         logits = self.runner.prefill(seq.slot, handle.prompt_ids)             # (V,)
         self._stats["prefills"] += 1
@@ -450,7 +453,11 @@ class Engine:
             pad = self.max_batch - len(seqs)
             tokens, positions = tokens + [self.ends[0]] * pad, positions + [0] * pad
             span, same = self.block, False
-        t = torch.tensor(tokens, device=self.device)
+        fed = self._fed
+        if fed is not None and fed[0] is seqs and len(fed[1]) == len(seqs) and not self.static_shapes:
+            t = fed[1]    # the batch is unchanged since the last sampling: its picks are the next input
+        else:
+            t = torch.tensor(tokens, device=self.device)
         p = None if same else torch.tensor(positions, device=self.device)
         logits = self._decode(t, p, span, same)[: len(seqs)]                  # (B, V)
         self._stats["steps"] += 1
@@ -470,6 +477,7 @@ class Engine:
             if s.generator is not None:
                 picks[i] = sample_row(logits[i], s.handle.params, s.generator)
         chosen = logp.gather(1, picks[:, None])[:, 0]
+        self._fed = (seqs, picks)   # reused by the next decode step if the batch stays the same list
         for s, tok, lp in zip(seqs, picks.tolist(), chosen.tolist()):
             self._advance(s, tok, lp)
 
@@ -483,17 +491,19 @@ class Engine:
         s.tokens.append(tok)
         s.last = tok
         self._stats["tokens"] += 1
-        stops = [x for x in h.params.stop if x]
+        stops = s.stops
         known = len(s.text)
         text = self._detokenize(s)
-        # A stop string can only start in the last len(stop) - 1 characters known before this token.
-        start = max(0, known - max((len(x) for x in stops), default=0))
-        cut = min((i for i in (text.find(x, start) for x in stops) if i != -1), default=-1)
-        if cut != -1:
-            h._emit(TokenEvent(tok, text[s.sent:cut] if cut > s.sent else "", lp))
-            s.sent = max(s.sent, cut)
-            return self._finish(s, "stop", flush=False)
-        safe = len(text) - stop_prefix_len(text, stops)
+        safe = len(text)           # no stop strings (the common case): every new character goes out
+        if stops:
+            # A stop string can only start in the last len(stop) - 1 characters known before this token.
+            start = max(0, known - max(len(x) for x in stops))
+            cut = min((i for i in (text.find(x, start) for x in stops) if i != -1), default=-1)
+            if cut != -1:
+                h._emit(TokenEvent(tok, text[s.sent:cut] if cut > s.sent else "", lp))
+                s.sent = max(s.sent, cut)
+                return self._finish(s, "stop", flush=False)
+            safe -= stop_prefix_len(text, stops)
         h._emit(TokenEvent(tok, text[s.sent:safe] if safe > s.sent else "", lp))
         s.sent = max(s.sent, safe)
         if len(s.tokens) >= s.max_new or s.pos >= self.block:
@@ -525,6 +535,8 @@ class Engine:
     def _compact(self) -> None:
         """Finished sequences leave; survivors move down to slots 0..n-1 (their cache rows with them)."""
         survivors = [s for s in self._active if not s.handle.done]
+        if len(survivors) == len(self._active):
+            return          # the same list object: _decode_step reuses the last picks as its input
         for i, s in enumerate(survivors):
             if s.slot != i:
                 self.runner.move(s.slot, i, s.pos)
