@@ -24,11 +24,25 @@ from components.model.generation import generate  # noqa: E402
 from components.serving.engine import Engine, SamplingParams  # noqa: E402
 
 
+def generated_tokens(b) -> dict[str, int]:
+    """Tokens generate() produces per prompt: the engine's greedy count (its text equals generate()'s, checked
+    by serve_bench), stepped inline in this thread. Re-encoding generate()'s text would over-count: a random
+    model emits partial UTF-8 byte tokens, which decode to U+FFFD and re-encode to several tokens each."""
+    engine = Engine(b.model, b.tokenizer, max_batch=1)
+    counts = {}
+    for p in b.prompts:
+        h = engine.submit(b.ids(p), SamplingParams(max_tokens=b.new_tokens))
+        while not h.done:
+            engine._step()
+        counts[p] = h.completion_tokens
+    return counts
+
+
 def hf_rate(b, n: int) -> float:
     t0, tokens = time.perf_counter(), 0
     for p in b.prompts[:n]:
-        text = generate(b.model, b.tokenizer, [p], max_new_tokens=b.new_tokens)[0]
-        tokens += len(b.tokenizer.encode(text, add_special_tokens=False))
+        generate(b.model, b.tokenizer, [p], max_new_tokens=b.new_tokens)
+        tokens += b.counts[p]
     return tokens / (time.perf_counter() - t0)
 
 
@@ -79,6 +93,7 @@ def main() -> None:
         torch.set_num_threads(1)   # per thread: the main thread builds the model without a second pool
     b = serve_bench.make_bench(argparse.Namespace(preset="tiny", vocab=4096, new_tokens=128, concurrency=16, rounds=1,
                                                   int8=False, threads=0, server_threads=0, scenarios="batch1"))
+    b.counts = generated_tokens(b)
     if args.clean:
         clean(b, args.clean, args.rounds)
         return
