@@ -31,9 +31,9 @@ class ServingConfig(Section):
     max_new_tokens: int = Field(128, ge=1)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     max_batch: int = Field(16, ge=1, description="sequences decoded together by the engine")
-    torch_threads: int = Field(0, ge=0, description="torch threads of the engine's decode loop (0: torch's "
-                               "default, one per core); fewer than the cores leaves CPU to the HTTP event loop "
-                               "(on 2 cores not shown to pay yet, benchmarks/README.md)")
+    torch_threads: int = Field(0, ge=0, description="torch threads of the engine's decode loop (0: auto, one "
+                               "fewer than the usable cores, at least 1: the HTTP event loop keeps a core; on 2 "
+                               "cores 1 thread served 1.2-1.3x more tokens/s than 2, benchmarks/README.md)")
     max_queue: int = Field(64, ge=1, description="waiting requests before 503 + Retry-After")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (also bounded by the context)")
     max_n: int = Field(8, ge=1, description="most choices (n) per request")
