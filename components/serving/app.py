@@ -124,6 +124,11 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         req = await read_body(request, S.ChatRequest if chat else S.CompletionRequest)
         if req.n > cfg.max_n:
             raise ApiError(400, f"n: at most {cfg.max_n}", "n", "invalid_value")
+        count = (1 if chat else len(req.prompts)) * req.n
+        if count > cfg.max_queue:   # could never be queued: a 400, not a 503 retried forever
+            which = "n" if chat or len(req.prompts) == 1 else "prompt"
+            raise ApiError(400, f"{which}: {count} completions in one request (prompts x n); the server queues at "
+                           f"most {cfg.max_queue} (serving.max_queue)", which, "invalid_value")
         if req.token_cap is not None and req.token_cap > cfg.max_new_tokens:
             which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
             raise ApiError(400, f"{which}: at most {cfg.max_new_tokens} (serving.max_new_tokens)", which,
@@ -138,11 +143,13 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         except Exception as exc:  # noqa: BLE001 - a version that exists but cannot load
             raise ApiError(503, f"model {req.model!r} could not be loaded: {exc}", "model", "model_unavailable",
                            "server_error", {"Retry-After": "30"}) from None
+        response = None
         try:
-            return await _generate(request, req, served, kid, chat, t0)
-        except BaseException:
-            served.release()
-            raise
+            response = await _generate(request, req, served, kid, chat, t0)
+            return response
+        finally:   # exactly once: here, or by the stream when it ends (in-flight counts decide when a
+            if not isinstance(response, StreamingResponse):   # swapped-out version may stop)
+                served.release()
 
     async def _generate(request: Request, req, served: Served, kid: str, chat: bool, t0: float):
         from components.serving.engine import QueueFull, SamplingParams
@@ -170,6 +177,10 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
             raise ApiError(400, f"max_tokens: prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model "
                            f"context ({served.context_len})", "max_tokens", "context_length_exceeded")
         verdict = limiter.check(kid, sum(map(len, ids)) + req.n * len(ids) * max_tokens)
+        if not verdict.allowed and verdict.which == "too_large":
+            raise ApiError(400, f"max_tokens: this request may use {sum(map(len, ids)) + req.n * len(ids) * max_tokens}"
+                           f" tokens (prompt + n x max_tokens); the key's limit is {limiter.tokens_per_minute} per "
+                           "minute (serving.rate_limit.tokens_per_minute)", "max_tokens", "request_too_large")
         if not verdict.allowed and verdict.which == "storage":
             raise ApiError(503, "rate-limit storage unreachable (serving.rate_limit.storage)", None,
                            "rate_limit_storage_unavailable", "server_error", {"Retry-After": "5"})
@@ -240,6 +251,9 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                 if ev.finish_reason == "error":   # OpenAI's way: an error object inside the stream
                     return enc.event(S.error_body(f"generation of choice {i} failed in the engine", "server_error",
                                                   None, "engine_error"))
+                if ev.finish_reason == "cancelled":   # by the server (a hung-up client reads nothing more)
+                    return enc.event(S.error_body(f"generation of choice {i} was cancelled by the server",
+                                                  "server_error", None, "generation_cancelled"))
                 finish = openai_finish(ev.finish_reason)
                 first = chat and i not in opened
                 if not (ev.text or finish or first):
@@ -291,11 +305,15 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                     task.cancel()   # merge() cancels the engine's sequences
             await task
         finally:
-            served.release()
+            if not task.done():     # this handler was cancelled: stop the collector (and the sequences)
+                task.cancel()
         metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
         if any(st["finish"] == "error" for st in state):
             raise ApiError(500, "generation failed in the engine (see the server log)", None, "engine_error",
                            "server_error")
+        if any(st["finish"] == "cancelled" for st in state):   # never a cut completion passed off as whole
+            raise ApiError(503, "generation was cancelled by the server (shutting down or the model was "
+                           "swapped out); retry", None, "generation_cancelled", "server_error", {"Retry-After": "1"})
         choices = []
         for i, st in enumerate(state):
             text = "".join(st["text"])

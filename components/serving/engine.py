@@ -219,7 +219,13 @@ class Engine:
                 handle._emit(TokenEvent(None, "", None, "cancelled"))
                 self._stats["cancelled"] += 1
                 continue
-            self._admit(handle)
+            try:
+                self._admit(handle)
+            except Exception:  # one request's prefill or first sample failed: it ends, the batch goes on
+                log.exception("admitting a request failed; it ends with an error")
+                self._stats["errors"] += 1
+                self._active = [s for s in self._active if s.handle is not handle]
+                handle._emit(TokenEvent(None, "", None, "error"))
         self._compact()  # a sequence can end at its first token (an end token right after the prompt)
         self._peak_running = max(self._peak_running, len(self._active))
         if self._active:
@@ -232,7 +238,8 @@ class Engine:
         gen = None
         if p.temperature > 0:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+            # Any 64-bit seed (seed + j for the j-th choice may pass 2**63): the generator takes [0, 2**64).
+            gen.manual_seed((p.seed if p.seed is not None else random.getrandbits(63)) % 2**64)
         seq = _Seq(handle, slot=len(self._active), pos=len(handle.prompt_ids), max_new=max_new, generator=gen,
                    stops=[x for x in p.stop if x])
         self._active.append(seq)
@@ -269,13 +276,22 @@ class Engine:
         # max(dim) gives argmax's index (the first maximal one, as documented for both) at about half
         # its cost on CPU; not taken from logp, where subtracting the log-sum could merge near ties.
         picks = logits.max(dim=-1).indices
+        failed = set()
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                picks[i] = sample_row(logits[i], s.handle.params, s.generator)
+                try:
+                    picks[i] = sample_row(logits[i], s.handle.params, s.generator)
+                except Exception:  # noqa: BLE001 - e.g. NaN probabilities: this sequence fails, not the batch
+                    log.exception("sampling failed for one sequence; it ends with an error")
+                    failed.add(i)
         chosen = logp.gather(1, picks[:, None])[:, 0]
         self._fed = (seqs, picks)   # reused by the next decode step if the batch stays the same list
-        for s, tok, lp in zip(seqs, picks.tolist(), chosen.tolist()):
-            self._advance(s, tok, lp)
+        for i, (s, tok, lp) in enumerate(zip(seqs, picks.tolist(), chosen.tolist())):
+            if i in failed:
+                self._stats["errors"] += 1
+                self._finish(s, "error")
+            else:
+                self._advance(s, tok, lp)
 
     def _advance(self, s: _Seq, tok: int, lp: float) -> None:
         """Record one token for s: emit its text delta and finish on an end token, stop string or length."""

@@ -20,7 +20,7 @@ log = logging.getLogger("llmcycle.serving")
 class Verdict:
     allowed: bool
     retry_after_s: int = 0
-    which: str = ""  # "requests" | "tokens"
+    which: str = ""  # "requests" | "tokens" | "too_large" (over the whole per-minute budget) | "storage"
 
 
 class RateLimiter:
@@ -33,6 +33,7 @@ class RateLimiter:
         self.limiter = MovingWindowRateLimiter(self.storage)
         self.requests = RateLimitItemPerMinute(config.requests_per_minute)
         self.tokens = RateLimitItemPerMinute(config.tokens_per_minute)
+        self.tokens_per_minute = config.tokens_per_minute
 
     def _retry_after(self, item, key: str) -> int:
         reset = self.limiter.get_window_stats(item, key).reset_time
@@ -48,11 +49,11 @@ class RateLimiter:
             return Verdict(False, 5, "storage")
 
     def _check(self, key: str, tokens: int) -> Verdict:
+        cost = max(1, int(tokens))
+        if cost > self.tokens.amount:   # could never pass: a 400 now, not a 429 retried forever
+            return Verdict(False, 0, "too_large")
         if not self.limiter.hit(self.requests, key):
             return Verdict(False, self._retry_after(self.requests, key), "requests")
-        cost = max(1, int(tokens))
-        if cost > self.tokens.amount:
-            return Verdict(False, 60, "tokens")
         if not self.limiter.hit(self.tokens, key, cost=cost):
             return Verdict(False, self._retry_after(self.tokens, key), "tokens")
         return Verdict(True)

@@ -21,8 +21,13 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
 
 
 def sample_row(logits: torch.Tensor, p: Any, gen: torch.Generator) -> int:
-    """Temperature then nucleus (top_p) filtering, as HF's warpers do, then one draw from gen."""
-    scores = logits / p.temperature                                            # (V,)
+    """Temperature then nucleus (top_p) filtering, as HF's warpers do, then one draw from gen.
+
+    The logits are shifted by their max before the division (softmax does not change), and the temperature
+    is at least the dtype's smallest normal number (1e-300 is 0 in float32): a tiny temperature then sends
+    the other scores to -inf instead of every score to +-inf or 0/0 (NaN probabilities)."""
+    temperature = max(p.temperature, torch.finfo(logits.dtype).tiny)
+    scores = (logits - logits.max()) / temperature                            # (V,), max 0
     if p.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         cum = sorted_scores.softmax(-1).cumsum(-1)

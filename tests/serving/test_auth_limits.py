@@ -45,7 +45,9 @@ def test_rate_limits_per_key_requests_and_tokens():
     assert lim.check("b", 90).allowed                      # keys are independent
     v = lim.check("b", 20)
     assert not v.allowed and v.which == "tokens"
-    assert lim.check("c", 1000).which == "tokens"          # larger than the whole budget
+    v = lim.check("c", 1000)                               # larger than the whole budget: never allowed,
+    assert not v.allowed and v.which == "too_large"        # and it costs no request
+    assert lim.check("c", 10).allowed and lim.check("c", 10).allowed
 
 
 def test_unreachable_redis_storage_refuses_instead_of_crashing():

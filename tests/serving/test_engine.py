@@ -259,3 +259,28 @@ def test_incremental_detokenization_gives_the_full_decode_across_split_utf8(mode
         full = tok.decode(token_ids[:i + 1], skip_special_tokens=True)
         assert "\ufffd" not in got and full.startswith(got) and len(full.rstrip("\ufffd")) == len(got)
     assert s.text == text
+
+
+def test_a_request_that_fails_to_join_ends_alone_the_batch_goes_on(model, tok):
+    eng = Engine(model, tok, max_batch=4, max_queue=8)
+    eng.start()
+    try:
+        running = eng.submit(ids(tok, PROMPTS[0]), SamplingParams(max_tokens=40))
+        deadline = time.monotonic() + 30
+        while running.completion_tokens == 0 and time.monotonic() < deadline:   # decoding before the bad
+            time.sleep(0.001)                                                    # one arrives
+        real_prefill = eng.runner.prefill
+
+        def prefill(slot, prompt):                          # this prompt's prefill fails (as a device error would)
+            if prompt == ids(tok, PROMPTS[1]):
+                raise RuntimeError("simulated prefill failure")
+            return real_prefill(slot, prompt)
+        eng.runner.prefill = prefill
+        bad = eng.submit(ids(tok, PROMPTS[1]), SamplingParams(max_tokens=8))
+        assert bad.result(timeout=30).finish_reason == "error"
+        rest = running.result(timeout=30)
+        assert rest.finish_reason in ("length", "stop") and eng.stats["step_errors"] == 1
+        ok = eng.submit(ids(tok, PROMPTS[2]), SamplingParams(max_tokens=8)).result(timeout=30)
+        assert ok.finish_reason in ("length", "stop")
+    finally:
+        eng.stop()

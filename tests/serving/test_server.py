@@ -201,6 +201,11 @@ def test_429_with_retry_after(registry):
         assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 15}).status_code == 200
         r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 15})
         assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
+    with running_server(make_app(settings)) as base:   # more than the whole budget: never a 429 to retry
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 30})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert r.json()["error"]["code"] == "request_too_large" and "20 per minute" in r.json()["error"]["message"]
+        assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 15}).status_code == 200
 
 
 def test_client_disconnect_cancels_its_sequences(server):
@@ -226,23 +231,60 @@ def test_engine_failure_is_a_500_or_a_stream_error_never_an_empty_200(server, mo
     def boom(*a, **k):
         raise RuntimeError("simulated device failure")
     monkeypatch.setattr(engine, "_decode", boom)
+    served = app.state.store.current
     r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 8})
     assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    assert served.inflight == 0   # released once: a swap waits for in-flight requests by this count
     with httpx.stream("POST", f"{base}/v1/completions", headers=auth(), timeout=60,
                       json={"model": "llmcycle", "prompt": "a", "max_tokens": 8, "stream": True}) as s:
         lines = [ln for ln in s.iter_lines() if ln]
     assert any('"engine_error"' in ln for ln in lines) and lines[-1] == "data: [DONE]"
+    assert served.inflight == 0
     monkeypatch.undo()
     assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
-def test_full_queue_is_503_with_retry_after(registry):
+def test_any_64_bit_seed_and_any_temperature_in_range_are_served(server):
+    base, app = server
+    engine = app.state.store.current.engine
+    errors = engine.stats["step_errors"]
+    r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2, "seed": 2**64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    for body in ({"seed": 2**63 - 1, "n": 2, "temperature": 1.0},    # seed + 1 for the second choice
+                 {"seed": -(2**63), "temperature": 0.7},
+                 {"temperature": 1e-300, "seed": 1}):                  # as good as greedy, never NaN
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 4, **body})
+        assert r.status_code == 200, (body, r.text)
+    assert engine.stats["step_errors"] == errors
+
+
+def test_full_queue_is_503_with_retry_after_and_an_unqueueable_request_is_400(registry):
     from components import config as cfg
 
     settings = cfg.load(registry.root / "params.yaml", ["serving.max_batch=1", "serving.max_queue=1"])
-    with running_server(make_app(settings)) as base:
-        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 50, "n": 8})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    app = make_app(settings)
+    with running_server(app) as base:
+        # More completions than the queue holds could never be served: 400 naming the field, not 503.
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 5, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = post(base, "/v1/completions", {"model": "llmcycle", "prompt": ["a", "b"], "max_tokens": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        # One slot and a queue of one: of 8 requests sent at once at least one finds the queue full.
+        body = {"model": "llmcycle", "prompt": "a", "max_tokens": 50}
+        for _ in range(5):
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(post(base, "/v1/completions", body)))
+                       for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert {x.status_code for x in results} <= {200, 503} and 200 in {x.status_code for x in results}
+            busy = [x for x in results if x.status_code == 503]
+            if busy:
+                break
+        r = busy[0]
+        assert r.json()["error"]["code"] == "queue_full"
         assert int(r.headers["retry-after"]) >= 1
         assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 2}).status_code == 200
 
@@ -373,7 +415,7 @@ def test_request_log_records_completions_without_the_key(server, registry):
     rec = mine[0]
     assert rec["prompt"] == "import os" and rec["version"] == "1" and rec["completion_tokens"] <= 3
     assert rec["key_id"].startswith("k-") and KEY not in json.dumps(rows)
-    assert rec["latency_s"] > 0 and rec["mean_logprob"] is None or rec["mean_logprob"] <= 0
+    assert rec["latency_s"] > 0 and (rec["mean_logprob"] is None or rec["mean_logprob"] <= 0)
 
 
 def test_feedback_is_stored(server, registry):
