@@ -8,7 +8,6 @@ LLMCYCLE_ADMIN_KEY, else the one `llmcycle serve --generate-key` keeps for this 
 """
 from __future__ import annotations
 
-import json
 import os
 import urllib.error
 import urllib.request
@@ -32,10 +31,11 @@ def admin_key(settings: Settings) -> str | None:
 
 
 def reload_server(settings: Settings, timeout_s: float = 5.0) -> str:
-    """POST /admin/reload {"model": "<name>@champion"}; one line saying what happened (never raises)."""
+    """POST /admin/reload with no body: the server re-resolves what it serves (the champion alias unless it
+    was started on a fixed version or folder, which it keeps); one line saying what happened (never raises).
+    Naming the champion here would switch a server pinned with `--model 3` over to it."""
     url = f"{server_url(settings)}/admin/reload"
-    body = json.dumps({"model": f"{settings.registry.model_name}@champion"}).encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=b"", method="POST")
     key = admin_key(settings)
     if key:
         request.add_header("Authorization", f"Bearer {key}")

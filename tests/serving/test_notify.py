@@ -28,6 +28,12 @@ def test_a_promotion_reaches_the_running_server(tmp_path, monkeypatch):
             version = httpx.get(f"{base}/readyz", timeout=5).json().get("version")
             time.sleep(0.2)
         assert version == "2"
+    # A server started on a fixed version keeps it when a promotion tells it to reload.
+    with running_server(make_app(settings, model="models:/llmcycle/1")) as base:
+        monkeypatch.setenv("LLMCYCLE_SERVER_URL", base)
+        assert reload_server(settings) == f"server at {base} told to reload (202)"
+        time.sleep(1.0)
+        assert httpx.get(f"{base}/readyz", timeout=5).json().get("version") == "1"
 
 
 def test_no_server_is_said_not_raised(tmp_path, monkeypatch):
