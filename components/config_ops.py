@@ -28,6 +28,14 @@ class ServingConfig(Section):
     quantize: Literal["none", "int8", "auto"] = Field(
         "none", description="CPU dynamic int8 of the linear layers: none | int8 (always) | auto (only where "
                             "int8 was measured faster: hidden size >= quantize.INT8_MIN_HIDDEN; the reason is logged)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the builtin engine runs: auto (cuda when torch sees a GPU, else cpu) | cpu | cuda")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV cache: auto = bfloat16 on a GPU that has it (float16 on one that does "
+                            "not), float32 on cpu")
+    compile: bool = Field(True, description="on cuda, the decode step runs under torch.compile(mode='reduce-overhead') "
+                          "(CUDA graphs; the batch is padded to max_batch so one graph serves every step); ignored on "
+                          "cpu, where a compiled step measured no faster (benchmarks/README.md)")
     max_new_tokens: int = Field(128, ge=1)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     max_batch: int = Field(16, ge=1, description="sequences decoded together by the engine")

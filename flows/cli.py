@@ -173,8 +173,10 @@ def serve(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
     from components.serving.app import create_app
 
-    from components.serving.model_store import ModelStore
+    from components.serving.model_store import ModelStore, serving_device
 
+    if settings.serving.engine == "builtin":
+        serving_device(settings)   # serving.device=cuda on a machine without a GPU: one line, exit 2, now
     # The server records each version it puts live as an MLflow `deploy` run (stage=deploy).
     api = create_app(settings, ring, store=ModelStore(settings, model, record_deploys=True))
     typer.echo(f"serving {model or 'models:/' + settings.registry.model_name + '@champion'} at "

@@ -35,7 +35,7 @@ def int8_pays(model: nn.Module) -> tuple[bool, str]:
         return False, "the model has no config.hidden_size to apply the measured rule to"
     if hidden >= INT8_MIN_HIDDEN:
         return True, (f"hidden size {hidden} >= {INT8_MIN_HIDDEN}: int8 measured faster there "
-                      "(1.8-2.9x decode at hidden 384, benchmarks/README.md)")
+                      "(1.7-2.0x decode at hidden 384, 2.3-3.4x at 768, benchmarks/README.md)")
     return False, (f"hidden size {hidden} < {INT8_MIN_HIDDEN}: int8 measured slower there "
                    "(0.6x decode at hidden 128, benchmarks/README.md)")
 

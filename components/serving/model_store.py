@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from components.config import Settings
+from components.errors import ConfigError
 
 log = logging.getLogger("llmcycle.serving")
 CHAMPION = "champion"
@@ -70,7 +71,25 @@ def default_engine_factory(model: Any, tokenizer: Any, settings: Settings, versi
 
     s = settings.serving
     return Engine(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, version=version,
-                  threads=s.torch_threads or serving_threads())
+                  threads=s.torch_threads or serving_threads(), compile=s.compile)
+
+
+def serving_device(settings: Settings) -> tuple[Any, Any]:
+    """(torch device, dtype) from serving.device and serving.dtype; ConfigError when cuda is asked for and
+    torch sees no GPU. Not exercised on a GPU yet (no session has had one)."""
+    import torch
+
+    s = settings.serving
+    has_cuda = torch.cuda.is_available()
+    if s.device == "cuda" and not has_cuda:
+        raise ConfigError("serving.device is cuda but torch sees no GPU (torch.cuda.is_available() is False); "
+                          "use serving.device=auto or cpu")
+    device = torch.device("cuda" if s.device == "cuda" or (s.device == "auto" and has_cuda) else "cpu")
+    if s.dtype != "auto":
+        return device, getattr(torch, s.dtype)
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
 
 
 def serving_threads() -> int:
@@ -180,7 +199,8 @@ class ModelStore:
             t0 = time.perf_counter()
             with _one_torch_thread():
                 model, tokenizer = load_causal_lm(self.settings, ref.uri)
-                model.eval()
+                device, dtype = serving_device(self.settings)
+                model = model.to(device=device, dtype=dtype).eval()
                 model, precision, why = self._precision(model, ref)
                 engine = self.engine_factory(model, tokenizer, self.settings, ref.version)
             engine.start()
@@ -198,8 +218,13 @@ class ModelStore:
         TRAPS.md: torch.ao is the fast one here); auto quantizes only where int8 was measured to pay
         (components.evaluation.quantize.int8_pays). The choice and its reason are logged and recorded."""
         mode = self.settings.serving.quantize
+        kept = str(next(model.parameters()).dtype).replace("torch.", "").replace("float32", "fp32")
         if mode == "none":
-            return model, "fp32", "serving.quantize is none"
+            return model, kept, "serving.quantize is none"
+        if next(model.parameters()).device.type != "cpu":
+            why = "torch.ao dynamic int8 runs on CPU only"
+            (log.warning if mode == "int8" else log.info)("%s: serving.quantize=%s keeps %s: %s", ref.label, mode, kept, why)
+            return model, kept, why
         from components.evaluation.quantize import int8_pays, quantize_int8
         pays, why = int8_pays(model)
         if mode == "auto" and not pays:

@@ -33,6 +33,21 @@ def test_serve_refuses_without_keys(tmp_path):
     assert r.returncode == 2 and "--no-auth" in r.stderr
 
 
+def test_serve_on_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    import torch
+
+    from tests.conftest import write_params
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    write_params(tmp_path)
+    r = subprocess.run([*CLI, "serve", "--config", str(tmp_path / "params.yaml"), "--no-auth",
+                        "--set", "serving.device=cuda"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "serving.device is cuda but torch sees no GPU" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.skipif(not engine_available(), reason="components/serving/engine.py has not landed yet")
 def test_serve_answers_with_generated_key(tmp_path):
     settings = build_registry(tmp_path)
