@@ -286,6 +286,10 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
                     metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
                 finally:
                     served.release()
+                    for i, st in enumerate(state):   # a client that hung up: its partial choices are on record
+                        if st["finish"] is None:
+                            st["finish"] = "cancelled"
+                            record(i)
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
 

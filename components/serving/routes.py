@@ -17,6 +17,9 @@ from components.serving import schemas as S
 from components.serving.metrics import CONTENT_TYPE_LATEST
 
 
+RELOAD_BODY_MAX = 4096
+
+
 def add_routes(app: FastAPI, store: Any, keys: Any, metrics: Any, authorize: Callable, read_body: Callable,
                feedback_log: Any, ApiError: type) -> None:
     @app.get("/healthz")
@@ -75,7 +78,11 @@ def add_routes(app: FastAPI, store: Any, keys: Any, metrics: Any, authorize: Cal
         if not keys.check_admin(request.headers.get("authorization")):
             raise ApiError(401, "admin key required (LLMCYCLE_ADMIN_KEY)", None, "invalid_api_key",
                            "authentication_error")
-        raw = await request.body()
+        raw = bytearray()   # read with a cap: {"model": "..."} is all this route takes
+        async for part in request.stream():
+            raw += part
+            if len(raw) > RELOAD_BODY_MAX:
+                raise ApiError(413, f"request body exceeds {RELOAD_BODY_MAX} bytes", None, "body_too_large")
         spec = None
         if raw.strip():
             try:

@@ -133,6 +133,8 @@ def test_401_without_or_with_wrong_key(server):
         assert r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{base}/v1/models").status_code == 401
     assert post(base, "/admin/reload", {}, key=KEY).status_code == 401      # a user key is not the admin key
+    r = post(base, "/admin/reload", {"model": "x" * 5000}, key=ADMIN)       # the admin body is capped too
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 @pytest.mark.parametrize("body,param,status", [
@@ -208,18 +210,26 @@ def test_429_with_retry_after(registry):
         assert post(base, "/v1/completions", {"model": "llmcycle", "prompt": "a", "max_tokens": 15}).status_code == 200
 
 
-def test_client_disconnect_cancels_its_sequences(server):
+def test_client_disconnect_cancels_its_sequences_and_logs_what_it_got(server, registry):
     base, app = server
     engine = app.state.store.current.engine
     before = engine.stats["requests_cancelled"]
     with httpx.stream("POST", f"{base}/v1/completions", headers=auth(), timeout=60,
                       json={"model": "llmcycle", "prompt": "def f(" * 20, "max_tokens": 128, "n": 8,
                             "temperature": 1.0, "stream": True}) as r:
-        next(r.iter_lines())                     # the first chunk, then hang up
+        rid = json.loads(next(ln for ln in r.iter_lines() if ln.startswith("data: "))[6:])["id"]   # then hang up
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and engine.stats["requests_cancelled"] == before:
         time.sleep(0.05)
     assert engine.stats["requests_cancelled"] > before
+    mine = []
+    while time.monotonic() < deadline and len(mine) < 8:   # each choice on record, cut where it stopped
+        app.state.request_log.flush()
+        mine = [rec for f in sorted((registry.root / "data" / "inference").glob("requests-*.jsonl"))
+                for rec in map(json.loads, f.read_text().splitlines()) if rec["id"] == rid]
+        time.sleep(0.05)
+    assert sorted(rec["index"] for rec in mine) == list(range(8))
+    assert "cancelled" in {rec["finish_reason"] for rec in mine}
 
 
 def test_engine_failure_is_a_500_or_a_stream_error_never_an_empty_200(server, monkeypatch):
@@ -334,9 +344,13 @@ def test_hot_swap_under_concurrent_load(registry):
     def client(base):
         with httpx.Client(timeout=60) as c:
             while not stop.is_set():
+                # Long enough for some to span the swap: those finish whole on the old version (a
+                # cancelled one would be a 503 here, a cut one a "stop" short of an end token).
                 r = c.post(f"{base}/v1/completions", headers=auth(),
-                           json={"model": "llmcycle", "prompt": "def f(", "max_tokens": 8})
+                           json={"model": "llmcycle", "prompt": "def f(", "max_tokens": 32})
                 if r.status_code != 200:
+                    failures.append((r.status_code, r.text))
+                elif r.json()["choices"][0]["finish_reason"] not in ("length", "stop"):
                     failures.append((r.status_code, r.text))
                 else:
                     seen.append(r.json()["system_fingerprint"])
