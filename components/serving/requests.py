@@ -8,6 +8,7 @@ token takes the GIL from the engine's loop each time, which slows decoding for e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -155,17 +156,10 @@ class GenerationHandle:
 
     async def aevents(self) -> AsyncIterator[TokenEvent]:
         """Async iterator for FastAPI: never blocks the event loop. Leaving early (disconnect) cancels."""
-        aq, finished = self._listen(), False
-        try:
-            while True:
-                ev = await aq.get()
-                finished = ev.finish_reason is not None
-                yield ev
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.cancel()
+        async with contextlib.aclosing(self.abatches()) as groups:   # closing it cancels, at once
+            async for group in groups:
+                for ev in group:
+                    yield ev
 
     async def abatches(self) -> AsyncIterator[list[TokenEvent]]:
         """aevents() in groups: each group is every event delivered by the time the listener took one (a
