@@ -124,6 +124,25 @@ def test_request_by_version_or_alias(server):
     assert r.status_code == 200 and r.headers["x-model-version"] == "2"
 
 
+def test_greedy_over_http_equals_generate_on_the_served_model(server, registry):
+    """The whole path (tokenize, engine, detokenize, SSE or JSON) gives generate()'s text, token for token."""
+    from components.model.build import load_causal_lm
+    from components.model.generation import generate
+
+    base, app = server
+    served = app.state.store.current
+    model, tok = load_causal_lm(registry, served.ref.uri)
+    prompts = ["def add(a, b):", "import os\n\nclass ", "    return [x for x in"]
+    want = [generate(model.eval(), tok, [p], max_new_tokens=12)[0] for p in prompts]   # batch 1, the reference
+    got = post(base, "/v1/completions", {"model": "llmcycle", "prompt": prompts, "max_tokens": 12, "temperature": 0})
+    assert [c["text"] for c in sorted(got.json()["choices"], key=lambda c: c["index"])] == want
+    with httpx.stream("POST", f"{base}/v1/completions", headers=auth(), timeout=60,
+                      json={"model": "llmcycle", "prompt": prompts[0], "max_tokens": 12, "temperature": 0,
+                            "stream": True}) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want[0]
+
+
 # ----------------------------------------------------------------------------- security
 def test_401_without_or_with_wrong_key(server):
     base, _ = server
