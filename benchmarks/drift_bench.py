@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import statistics
 import sys
 import time
@@ -46,13 +45,7 @@ def stdlib_pool(settings, n: int, ref_prompts: set[str], sft_only: bool, seed: i
     from components.monitoring import prompts as P
     from components.training.finetune_data import sft_rows
 
-    try:
-        got = P.profile_prompts(settings, "stdlib", 10 ** 6)
-    except ConfigError as exc:       # the profile holds fewer (it always does): take all (the message says how many)
-        m = re.search(r"only (\d+) distinct", str(exc))
-        if not m:
-            raise
-        got = P.profile_prompts(settings, "stdlib", int(m.group(1)))
+    got = P.stdlib_prompts(settings, 10 ** 6, exact=False)     # every one the profile holds
     sft = {r["prompt"] for split in P.HELD_OUT for r in sft_rows(settings, split)}
     keep = [p for p in got if p.prompt not in ref_prompts and (p.prompt in sft or not sft_only)]
     if len(keep) > n:   # the profile yields its top-up file by file: a prefix would hold few modules

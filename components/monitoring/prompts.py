@@ -77,9 +77,10 @@ def _need(got: list[Prompt], n: int, profile: str, where: str) -> list[Prompt]:
     return got
 
 
-def stdlib_prompts(settings: Settings, n: int, seed: int = 0) -> list[Prompt]:
+def stdlib_prompts(settings: Settings, n: int, seed: int = 0, exact: bool = True) -> list[Prompt]:
     """n distinct held-out stdlib function prompts: the SFT val/test pairs first (shuffled by seed), then
-    functions of held-out stdlib modules (split_of on the ingest id "stdlib:<relative path>")."""
+    functions of held-out stdlib modules (split_of on the ingest id "stdlib:<relative path>"). exact=False
+    returns as many as there are, up to n, instead of a ConfigError when there are fewer."""
     rng = random.Random(f"stdlib:{seed}")
     rows: list[Prompt] = []
     if settings.data.source == "stdlib":
@@ -96,7 +97,7 @@ def stdlib_prompts(settings: Settings, n: int, seed: int = 0) -> list[Prompt]:
         files = [p for p in list_files(root, "**/*.py", d.exclude_dirs)
                  if split_of(f"stdlib:{p.relative_to(root).as_posix()}", d.split.val, d.split.test) in HELD_OUT]
         got += _draw(_from_files(root, files, rng, "stdlib"), n - len(got), "stdlib", seen)
-    return _need(got, n, "stdlib", "the held-out SFT pairs and held-out stdlib modules")
+    return _need(got, n if exact else 0, "stdlib", "the held-out SFT pairs and held-out stdlib modules")
 
 
 def stdlib_test_prompts(n: int, seed: int = 0) -> list[Prompt]:

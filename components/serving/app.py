@@ -176,9 +176,10 @@ def create_app(settings: Settings, keys: KeyRing, model: str | None = None, stor
         if longest + max_tokens > served.context_len:
             raise ApiError(400, f"max_tokens: prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model "
                            f"context ({served.context_len})", "max_tokens", "context_length_exceeded")
-        verdict = limiter.check(kid, sum(map(len, ids)) + req.n * len(ids) * max_tokens)
+        cost = sum(map(len, ids)) + req.n * len(ids) * max_tokens   # charged up front at its worst case
+        verdict = limiter.check(kid, cost)
         if not verdict.allowed and verdict.which == "too_large":
-            raise ApiError(400, f"max_tokens: this request may use {sum(map(len, ids)) + req.n * len(ids) * max_tokens}"
+            raise ApiError(400, f"max_tokens: this request may use {cost}"
                            f" tokens (prompt + n x max_tokens); the key's limit is {limiter.tokens_per_minute} per "
                            "minute (serving.rate_limit.tokens_per_minute)", "max_tokens", "request_too_large")
         if not verdict.allowed and verdict.which == "storage":
