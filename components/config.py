@@ -195,9 +195,12 @@ class FinetuneConfig(Section):
 
 # ----------------------------------------------------------------------------- evaluation, registry, serving, monitoring
 class EvaluateConfig(Section):
-    n_prompts: int = Field(32, ge=1, description="held-out prompts scored per model")
+    n_prompts: int = Field(128, ge=1, description="held-out prompts (the SFT test split, then val) whose greedy "
+                                                   "completions are checked per model (syntax-valid, defines-name)")
     max_new_tokens: int = Field(96, ge=1)
     pass_k: list[int] = Field(default_factory=lambda: [1, 4])
+    pass_k_prompts: int = Field(32, ge=1, description="the first N of those prompts sampled max(pass_k) times for "
+                                                       "pass@k (reported, never gated: sampling is the costly part)")
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     test_batches: int = Field(16, ge=1, description="test windows for the (per-token, tokenizer-bound) perplexity shown alongside")
@@ -209,13 +212,14 @@ class EvaluateConfig(Section):
     confidence: float = Field(0.95, gt=0.5, lt=1, description="gate: confidence of the paired bootstrap interval")
     bootstrap_samples: int = Field(2000, ge=100, description="gate: bootstrap resamples of the held-out documents")
     tolerances: dict[str, float] = Field(
-        default_factory=lambda: {"test_bits_per_byte": 0.02, "syntax_valid_rate": 0.05},
-        description="relative (bits per byte, lower is better) or absolute (rates) slack before a regression blocks promotion")
+        default_factory=lambda: {"test_bits_per_byte": 0.02, "syntax_valid_rate": 0.05, "defines_name_rate": 0.05},
+        description="relative (bits per byte, lower is better) or absolute (rates) slack: a regression blocks "
+                    "promotion only when a one-sided paired test at `confidence` puts it beyond this slack")
 
     @field_validator("tolerances")
     @classmethod
     def _gated_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        known = {"sft_bits_per_byte", "test_bits_per_byte", "syntax_valid_rate"}
+        known = {"sft_bits_per_byte", "test_bits_per_byte", "syntax_valid_rate", "defines_name_rate"}
         unknown = sorted(set(v) - known)
         if unknown:
             raise ValueError(f"unknown gated metric(s) {unknown}; the gate scores {sorted(known)}")

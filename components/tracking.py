@@ -372,6 +372,10 @@ def log_hf_model(model: Any, tokenizer: Any, task: str = "text-generation", name
     """
     import mlflow
 
+    from components import quiet
+
+    quiet.third_party()
+
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_hf_model needs an active MLflow run (use tracking.stage_run)")

@@ -41,6 +41,12 @@ class DocScores:
         return {"ids": list(self.ids), "bits": [float(b) for b in self.bits], "bytes": [int(b) for b in self.nbytes]}
 
     @classmethod
+    def outcomes(cls, ids: Sequence[str], values: Sequence[bool | int | float]) -> "DocScores":
+        """Per-prompt 0/1 outcomes (syntax-valid, defines-name) as bits = outcome, bytes = 1: the pooled value
+        is then the rate, and the gate's paired bootstrap compares two models' rates on the same prompts."""
+        return cls(list(ids), np.asarray(values, dtype=np.float64), np.ones(len(ids), dtype=np.int64))
+
+    @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "DocScores":
         return cls(list(obj["ids"]), np.asarray(obj["bits"], dtype=np.float64), np.asarray(obj["bytes"], dtype=np.int64))
 

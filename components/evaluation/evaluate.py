@@ -259,7 +259,8 @@ def run(settings: Settings, model_uri: str | None = None, label: str = "candidat
         names = [r.get("name", "") for r in rows]
         metrics.update(generation_speed(model, tokenizer, prompts, completions, ex["generation_wall_s"],
                                         cfg.max_new_tokens))
-        metrics.update(pass_at_k_metrics(model, tokenizer, prompts, names, cfg))
+        k_prompts = cfg.pass_k_prompts
+        metrics.update(pass_at_k_metrics(model, tokenizer, prompts[:k_prompts], names[:k_prompts], cfg))
 
         if other_tokenizer is None:
             metrics.update(_reward_part(settings, tokenizer, [r["prompt"] for r in rows], completions, device,

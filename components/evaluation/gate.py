@@ -2,7 +2,8 @@
 
 `decide` is pure (tested with constructed scores): the primary metric is bits per byte, compared
 by a paired bootstrap over documents scored for both models on the same text (significance.py);
-secondary metrics keep their tolerances. `apply_decision` and `rollback` are the only
+every gated secondary metric is a one-sided paired test too: it blocks only a regression significantly
+beyond its tolerance (per document for bits per byte, per prompt for the syntax-valid and defines-name rates). `apply_decision` and `rollback` are the only
 parts that touch the MLflow registry. Aliases: `champion` (served), `challenger` (last gated
 candidate), `previous` (the champion before the last promotion, the rollback target).
 """
@@ -40,10 +41,16 @@ class Scorecard:
     """What the gate knows of one model on the current evaluation data.
 
     metrics: sft_bits_per_byte, test_bits_per_byte, syntax_valid_rate (+ baselines);
-    docs: per-document DocScores of "sft" and "test", and of the count baselines as "sft.kn3", "test.unigram", ...
+    docs: per-document DocScores of "sft" and "test", of the count baselines as "sft.kn3", "test.unigram", ...,
+    and the per-prompt outcomes "syntax_valid" and "defines_name" (DocScores.outcomes: the rate's paired data).
     """
     metrics: dict[str, float]
     docs: dict[str, DocScores] = field(default_factory=dict)
+
+
+# The per-item scores behind each gated metric: documents for bits per byte, prompts for the rates.
+PAIRED_DATA = {"sft_bits_per_byte": "sft", "test_bits_per_byte": "test",
+               "syntax_valid_rate": "syntax_valid", "defines_name_rate": "defines_name"}
 
 
 def lower_is_better(metric: str) -> bool:
@@ -52,12 +59,10 @@ def lower_is_better(metric: str) -> bool:
     return any(word in m for word in ("bits_per_byte", "perplexity", "loss", "latency"))
 
 
-def _within(cand: float, champ: float, tol: float, metric: str) -> bool:
+def _slack(champ: float, tol: float, metric: str) -> float:
     # Lower-better metrics scale (2.1 vs 1.4 bits per byte), so their slack is relative;
     # rates live in [0, 1], so an absolute slack reads directly as percentage points.
-    if lower_is_better(metric):
-        return cand <= champ * (1.0 + tol)
-    return cand >= champ - tol
+    return champ * tol if lower_is_better(metric) else tol
 
 
 def _get(metrics: dict[str, float], metric: str, who: str) -> float:
@@ -73,12 +78,34 @@ def _docs(card: Scorecard, key: str, who: str) -> DocScores:
     return card.docs[key]
 
 
-def _paired(a: DocScores, b: DocScores, what: str, cfg: EvaluateConfig) -> Any:
-    """Paired bootstrap of a against b; GateError unless both scored the very same documents."""
+def _paired(a: DocScores, b: DocScores, what: str, cfg: EvaluateConfig, one_sided: bool = False) -> Any:
+    """Paired bootstrap of a against b; GateError unless both scored the very same documents (or prompts)."""
     if a.ids != b.ids or not np.array_equal(a.nbytes, b.nbytes):
         raise GateError(f"gate: {what}: the two sides were scored on different documents "
                         f"({len(a.ids)} vs {len(b.ids)}); scores are not comparable")
-    return paired_bootstrap(a.bits, b.bits, a.nbytes, cfg.confidence, cfg.bootstrap_samples, BOOTSTRAP_SEED)
+    return paired_bootstrap(a.bits, b.bits, a.nbytes, cfg.confidence, cfg.bootstrap_samples, BOOTSTRAP_SEED,
+                            one_sided=one_sided)
+
+
+def regression(candidate: Scorecard, champion: Scorecard, metric: str, tol: float,
+               cfg: EvaluateConfig) -> tuple[bool, dict[str, Any]]:
+    """(regressed, record): a one-sided paired test of the candidate against the champion on `metric`.
+
+    delta = candidate - champion over the same documents (bits per byte) or prompts (rates), bootstrapped.
+    Lower-better: regressed when even the optimistic bound (the (1 - confidence) percentile) exceeds
+    +slack; higher-better: when the (confidence) percentile lies below -slack. So a drop inside the noise,
+    or one within tolerance, never blocks; slack is relative for bits per byte, absolute for rates.
+    """
+    cand, champ = _get(candidate.metrics, metric, "candidate"), _get(champion.metrics, metric, "champion")
+    key = PAIRED_DATA[metric]
+    iv = _paired(_docs(candidate, key, "candidate"), _docs(champion, key, "champion"), metric, cfg, one_sided=True)
+    slack = _slack(champ, tol, metric)
+    lower = lower_is_better(metric)
+    regressed = iv.low > slack if lower else iv.high < -slack
+    record = {"candidate": cand, "champion": champ, "tolerance": tol, "slack": slack,
+              "direction": "lower" if lower else "higher", "delta": iv.delta, "low": iv.low, "high": iv.high,
+              "confidence": iv.confidence, "one_sided": True, "n": iv.n_docs, "ok": not regressed}
+    return regressed, record
 
 
 def _interval_fields(iv: Any) -> dict[str, Any]:
@@ -134,17 +161,21 @@ def decide(candidate: Scorecard, champion: Scorecard | None, criteria: SuccessCr
     # Read every gated metric before judging, so a broken champion fails loudly, not as a reject.
     gated = list(dict.fromkeys([*cfg.tolerances, primary]))
     values = {m: (_get(candidate.metrics, m, "candidate"), _get(champion.metrics, m, "champion")) for m in gated}
-    for metric, (cand, champ) in values.items():
-        tol = float(cfg.tolerances.get(metric, 0.0))
-        ok = _within(cand, champ, tol, metric)
-        compared[metric] = {"candidate": cand, "champion": champ, "tolerance": tol,
-                            "direction": "lower" if lower_is_better(metric) else "higher", "ok": ok}
-        if not ok:
-            kind = "relative" if lower_is_better(metric) else "absolute"
-            failures.append(f"{metric} regressed: {cand:.4g} vs champion {champ:.4g} (tolerance {tol:g} {kind})")
+    for metric in gated:
+        regressed, compared[metric] = regression(candidate, champion, metric,
+                                                 float(cfg.tolerances.get(metric, 0.0)), cfg)
+        if regressed:
+            r = compared[metric]
+            kind = "relative" if r["direction"] == "lower" else "absolute"
+            failures.append(f"{metric} regressed significantly: {r['candidate']:.4g} vs champion {r['champion']:.4g}, "
+                            f"delta {r['delta']:+.4f}, one-sided {r['confidence']:.0%} bound "
+                            f"{r['low'] if kind == 'relative' else r['high']:+.4f} beyond the tolerance "
+                            f"{r['tolerance']:g} {kind} (slack {r['slack']:.4f}) over {r['n']} paired items")
     split = primary.split("_", 1)[0]
     iv = _paired(_docs(candidate, split, "candidate"), _docs(champion, split, "champion"), primary, cfg)
-    compared[primary].update(_interval_fields(iv), improved=iv.a_better)
+    # The primary's own record is its two-sided improvement test (the one-sided regression check above stays
+    # in the reason when it fired).
+    compared[primary].update(_interval_fields(iv), one_sided=False, improved=iv.a_better)
     if not iv.a_better:
         verdict = "gain not significant" if iv.delta < 0 else "not better"
         failures.append(f"primary {primary} {verdict}: {iv.describe()}")

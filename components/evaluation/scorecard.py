@@ -32,7 +32,7 @@ def eval_params_hash(settings: Settings) -> str:
     """The evaluate params that change scores (not the gate's confidence or tolerances)."""
     e = settings.evaluate
     blob = json.dumps({"n_prompts": e.n_prompts, "max_new_tokens": e.max_new_tokens,
-                       "test_max_bytes": e.test_max_bytes, "v": 1}, sort_keys=True)
+                       "test_max_bytes": e.test_max_bytes, "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -50,6 +50,18 @@ def sft_test_rows(settings: Settings) -> list[dict]:
     from components.training.finetune_data import sft_rows
 
     return sft_rows(settings, "test")
+
+
+def prompt_rows(settings: Settings, test_rows: list[dict]) -> list[dict]:
+    """The first evaluate.n_prompts held-out SFT rows whose completions are checked: the test split, then val
+    (never trained on either) when the test split is shorter, so the rates rest on enough prompts."""
+    from components.training.finetune_data import sft_rows
+
+    n = settings.evaluate.n_prompts
+    rows = list(test_rows[:n])
+    if len(rows) < n:
+        rows += sft_rows(settings, "val")[:n - len(rows)]
+    return rows
 
 
 def completions_of(model: Any, tokenizer: Any, prompts: list[str], max_new: int) -> list[str]:
@@ -92,15 +104,18 @@ def score(settings: Settings, model: Any, tokenizer: Any, device: Any,
     if baselines:
         _baselines(settings, rows, docs, card, baselines if isinstance(baselines, dict) else fit_count_models(settings))
 
-    prompt_rows = rows[:settings.evaluate.n_prompts]
-    prompts = [format_prompt(tokenizer, r["prompt"]) for r in prompt_rows]
+    prompt_rows_ = prompt_rows(settings, rows)
+    prompts = [format_prompt(tokenizer, r["prompt"]) for r in prompt_rows_]
     t0 = time.perf_counter()
     completions = completions_of(model, tokenizer, prompts, settings.evaluate.max_new_tokens)
     gen_wall = time.perf_counter() - t0
-    checks = score_completions([r.get("name", "") for r in prompt_rows], completions)
-    card.metrics["syntax_valid_rate"] = float(np.mean([c["syntax_valid"] for c in checks])) if checks else 0.0
-    card.metrics["defines_name_rate"] = float(np.mean([c["defines_name"] for c in checks])) if checks else 0.0
-    return card, {"rows": prompt_rows, "prompts": prompts, "completions": completions, "checks": checks,
+    checks = score_completions([r.get("name", "") for r in prompt_rows_], completions)
+    ids = [str(r.get("id", i)) for i, r in enumerate(prompt_rows_)]
+    for outcome in ("syntax_valid", "defines_name"):
+        # Per prompt, so the gate compares two models' rates pairwise on the same prompts.
+        card.docs[outcome] = DocScores.outcomes(ids, [bool(c[outcome]) for c in checks])
+        card.metrics[f"{outcome}_rate"] = card.docs[outcome].bits_per_byte if checks else 0.0
+    return card, {"rows": prompt_rows_, "prompts": prompts, "completions": completions, "checks": checks,
                   "generation_wall_s": gen_wall}
 
 

@@ -8,7 +8,10 @@ replacement (the same indices for both), and for each resample take
 (the pooled bits per byte, as the metric itself is pooled). The (1 - confidence) / 2 and
 (1 + confidence) / 2 percentiles of delta* bound the difference; a gain is significant only when
 the whole interval lies below zero. Documents, not tokens, are the unit: tokens within a document are
-not independent, and resampling them would make every gain look significant.
+not independent, and resampling them would make every gain look significant. A per-prompt 0/1 outcome
+(syntax-valid, defines-name) is the same computation with bytes = 1: delta* is then the difference of
+the two rates on the same prompts. `one_sided=True` puts each bound at `confidence` on its own (the
+(1 - confidence) and confidence percentiles): what a regression test with a tolerance needs.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class PairedInterval:
 
 
 def paired_bootstrap(bits_a: np.ndarray, bits_b: np.ndarray, nbytes: np.ndarray, confidence: float = 0.95,
-                     n_boot: int = 2000, seed: int = 0) -> PairedInterval:
+                     n_boot: int = 2000, seed: int = 0, one_sided: bool = False) -> PairedInterval:
     """Paired percentile-bootstrap interval of bpb(a) - bpb(b) over documents (see module docstring)."""
     a = np.asarray(bits_a, dtype=np.float64)
     b = np.asarray(bits_b, dtype=np.float64)
@@ -49,6 +52,6 @@ def paired_bootstrap(bits_a: np.ndarray, bits_b: np.ndarray, nbytes: np.ndarray,
     rng = np.random.default_rng(seed)  # own generator: never touches numpy's global state
     idx = rng.integers(0, a.size, size=(n_boot, a.size))                   # (n_boot, N) resampled documents
     boot = (a[idx].sum(axis=1) - b[idx].sum(axis=1)) / w[idx].sum(axis=1)  # (n_boot,)
-    tail = (1.0 - confidence) / 2.0
+    tail = (1.0 - confidence) if one_sided else (1.0 - confidence) / 2.0
     low, high = np.quantile(boot, [tail, 1.0 - tail])
     return PairedInterval(float(delta), float(low), float(high), float(confidence), int(a.size))

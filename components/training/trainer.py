@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from components import tracking
+from components import quiet, tracking
 from components.config import Settings, TrainConfig
 from components.data import layout
 from components.errors import TrainingError
@@ -259,10 +259,12 @@ def _callbacks(settings: Settings, cfg: TrainConfig, stage: str, interactive: bo
 
 
 # ----------------------------------------------------------------------------- the trainer
-def _progress_bar(interactive: bool) -> list[Any]:
-    """A rich progress bar on a terminal; none in CI logs or tests (they are not a TTY)."""
+def _progress(interactive: bool, stage: str) -> list[Any]:
+    """A rich progress bar on a terminal; elsewhere (a piped log, CI, a worker) a progress line every ~20 s."""
     if not interactive:
-        return []
+        from components.training.progress import progress_lines
+
+        return [progress_lines(stage)]
     from lightning.pytorch.callbacks import RichProgressBar
 
     return [RichProgressBar(leave=True)]
@@ -288,6 +290,7 @@ def build_trainer(settings: Settings, cfg: TrainConfig, stage: str, run_id: str 
     from lightning.pytorch.loggers import MLFlowLogger
 
     tracking.quiet_env()
+    quiet.third_party()
     # The folder already holds run_id.txt (and, on resume, the checkpoints being resumed): expected.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -311,7 +314,7 @@ def build_trainer(settings: Settings, cfg: TrainConfig, stage: str, run_id: str 
         val_check_interval=cfg.val_every, check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[*_callbacks(settings, cfg, stage, interactive), *callbacks, checkpoint, *_progress_bar(interactive)],
+        callbacks=[*_callbacks(settings, cfg, stage, interactive), *callbacks, checkpoint, *_progress(interactive, stage)],
         # ~100 points per curve, every step for short runs; also the host's read interval (NonFiniteGuard).
         log_every_n_steps=log_every(cfg),
         enable_progress_bar=interactive, enable_model_summary=interactive,

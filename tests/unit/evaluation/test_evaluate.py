@@ -154,7 +154,8 @@ def test_evaluate_logs_run_table_and_plots(evaluated):
     assert run.data.tags["eval_params_hash"] and run.data.tags["data_hash"]
     card = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="evaluation/scorecard.json")).read_text())
-    assert set(card["docs"]) == {"sft", "test", "sft.kn3", "test.kn3", "sft.unigram", "test.unigram"}
+    assert set(card["docs"]) == {"sft", "test", "sft.kn3", "test.kn3", "sft.unigram", "test.unigram",
+                                 "syntax_valid", "defines_name"}  # per-prompt outcomes: the rates' paired data
     assert len(card["docs"]["test"]["ids"]) == 6  # every test document, scored one by one
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/lifecycle_losses.png", "plots/champion_vs_candidate.png", "plots/attention.png"}

@@ -21,12 +21,26 @@ def docs(bpb: float, noise: float = 0.0, seed: int = 0) -> DocScores:
     return DocScores([f"d{i}" for i in range(N)], (bpb + jitter) * BYTES, BYTES.copy())
 
 
+def outcomes(hits: int, n: int = N, first: int = 0) -> DocScores:
+    """n prompts p0..p(n-1), of which hits (starting at prompt `first`) came out right."""
+    return DocScores.outcomes([f"p{i}" for i in range(n)], [first <= i < first + hits for i in range(n)])
+
+
 def card(sft: float, test: float = 2.0, rate: float = 0.5, kn3: float = 3.0, noise: float = 0.0,
-         seed: int = 0) -> Scorecard:
+         seed: int = 0, defines: float = 0.5) -> Scorecard:
     d = {"sft": docs(sft, noise, seed), "test": docs(test, noise, seed + 1),
-         "sft.kn3": docs(kn3, noise, seed + 2), "test.kn3": docs(kn3, noise, seed + 3)}
+         "sft.kn3": docs(kn3, noise, seed + 2), "test.kn3": docs(kn3, noise, seed + 3),
+         "syntax_valid": outcomes(round(rate * N)), "defines_name": outcomes(round(defines * N))}
     return Scorecard({"sft_bits_per_byte": d["sft"].bits_per_byte, "test_bits_per_byte": d["test"].bits_per_byte,
-                      "syntax_valid_rate": rate}, d)
+                      "syntax_valid_rate": d["syntax_valid"].bits_per_byte,
+                      "defines_name_rate": d["defines_name"].bits_per_byte}, d)
+
+
+def with_rate(base: Scorecard, hits: int, n: int, first: int = 0) -> Scorecard:
+    """base with its syntax-valid outcomes replaced by `hits` of `n` prompts."""
+    base.docs["syntax_valid"] = outcomes(hits, n, first)
+    base.metrics["syntax_valid_rate"] = hits / n
+    return base
 
 
 def test_direction_registry():
@@ -69,9 +83,42 @@ def test_a_gain_inside_the_noise_is_rejected_as_not_significant():
 def test_reject_when_worse_or_on_a_regression_beyond_tolerance():
     assert "not better" in decide(card(1.6), card(1.5), CRIT, CFG).reason
     forgot = decide(card(1.2, test=2.2), card(1.5), CRIT, CFG)  # test bpb +10% > 5% relative slack
-    assert not forgot.promote and "test_bits_per_byte regressed" in forgot.reason
-    worse_rate = decide(card(1.2, rate=0.44), card(1.5), CRIT, CFG)
-    assert not worse_rate.promote and "syntax_valid_rate regressed" in worse_rate.reason
+    assert not forgot.promote and "test_bits_per_byte regressed significantly" in forgot.reason
+    worse_rate = decide(card(1.2, rate=0.25), card(1.5), CRIT, CFG)   # 15 vs 30 of 60 prompts
+    assert not worse_rate.promote and "syntax_valid_rate regressed significantly" in worse_rate.reason
+    r = worse_rate.compared["syntax_valid_rate"]
+    assert r["delta"] == pytest.approx(-0.25) and r["one_sided"] and r["high"] < -0.05 and not r["ok"]
+
+
+def test_a_rate_drop_inside_the_noise_does_not_block():
+    # The README's rejected retrain: 1/16 syntax-valid vs the champion's 3/16 (the one hit among the three).
+    cand = with_rate(card(1.2), 1, 16, first=2)
+    champ = with_rate(card(1.5), 3, 16)
+    d = decide(cand, champ, SuccessCriteria(beat_baseline="kn3", min_syntax_valid_rate=0.05), CFG)
+    assert d.compared["syntax_valid_rate"]["ok"] and d.compared["syntax_valid_rate"]["high"] >= -0.05
+    assert d.compared["syntax_valid_rate"]["delta"] == pytest.approx(-0.125)
+    assert "syntax_valid_rate" not in d.reason and d.promote, d.reason
+
+
+def test_a_large_paired_rate_drop_on_enough_prompts_blocks():
+    cand = with_rate(card(1.2), 2, 128)
+    champ = with_rate(card(1.5), 60, 128)
+    d = decide(cand, champ, CRIT, CFG)
+    assert not d.promote and "syntax_valid_rate regressed significantly" in d.reason
+    assert d.compared["syntax_valid_rate"]["high"] < -0.05 and d.compared["syntax_valid_rate"]["n"] == 128
+
+
+def test_a_test_split_rise_within_the_noise_does_not_block():
+    # +4% on the raw test split, but +-1 bit of per-document noise: not significantly beyond the 5% slack.
+    d = decide(card(1.2, test=2.08, noise=1.0, seed=3), card(1.5, noise=1.0, seed=4), CRIT, CFG)
+    assert d.compared["test_bits_per_byte"]["ok"] and d.compared["test_bits_per_byte"]["low"] < 0.1
+
+
+def test_rates_on_different_prompts_are_not_compared():
+    champ = with_rate(card(1.5), 30, 60)
+    champ.docs["syntax_valid"] = DocScores.outcomes([f"q{i}" for i in range(N)], [True] * N)
+    with pytest.raises(GateError, match="different documents"):
+        decide(card(1.2), champ, CRIT, CFG)
 
 
 def test_scores_of_different_documents_are_not_compared():

@@ -1,0 +1,41 @@
+"""Silence third-party messages that tell a llmcycle user nothing, once per process.
+
+Each entry names the library and the exact message, so a real warning from the same library still shows:
+Lightning's litlogger advert and TPU line, its pytree deprecation (fixed upstream, not ours to act on),
+its "modules in eval mode" warning (frozen reference models are in eval mode on purpose), and
+mlflow.transformers' "model card could not be retrieved from the hub" (models here never come from a hub).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+_DONE = False
+# (the logger that emits it, substring of the message): a filter on a logger sees only its own records.
+LOG_NOISE = (("lightning.pytorch.utilities.rank_zero", "litlogger"),
+             ("lightning.pytorch.utilities.rank_zero", "TPU available"),
+             ("lightning.fabric.utilities.rank_zero", "TPU available"),
+             ("mlflow.transformers", "model card could not be retrieved"))
+# Substrings of Python warnings that are ignored.
+WARNING_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*module\(s\) in eval mode at the start of training.*")
+
+
+class _Drop(logging.Filter):
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
+
+
+def third_party() -> None:
+    """Install the filters (idempotent)."""
+    global _DONE
+    if _DONE:
+        return
+    _DONE = True
+    for message in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    for name, needle in LOG_NOISE:
+        logging.getLogger(name).addFilter(_Drop(needle))
