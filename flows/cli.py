@@ -119,7 +119,9 @@ def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
         result = run_loop(settings, config, set_ or [])
         print_summary(settings, result["lifecycle"])
-        print_loop_summary(result)
+        code = print_loop_summary(result)
+        if code:
+            raise typer.Exit(code)   # the loop did not close: its own code (flows/loop.py NOT_CLOSED, README)
         return
     result = lifecycle(config=config, overrides=set_ or [])
     print_summary(settings, result)

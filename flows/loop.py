@@ -203,12 +203,44 @@ def run_loop(settings: cfg.Settings, config: str, overrides: list[str]) -> dict:
             with served_deployments(settings, config, overrides, api_url):
                 result = closed_loop(config, overrides)
         except OrchestrationError as exc:
-            fail(str(exc), 1)
+            # The loop could not run its parts (no model server, no served retrain deployment).
+            fail(f"loop not closed: {exc}", NOT_CLOSED["no_server"])
     result["prefect_api"] = api_url
     return result
 
 
 # ----------------------------------------------------------------------------- the summary
+# `llmcycle run --loop` exit codes when the loop could not close (0: it closed, a rejected retrain included).
+NOT_CLOSED = {"no_champion": 3, "no_server": 4, "no_drift": 5, "no_retrain": 6, "no_swap": 7}
+
+
+def verdict(result: dict) -> tuple[str, int]:
+    """(the summary's first line, exit code): `loop closed: vN -> vM serving ...` (0) or
+    `loop not closed: <reason>` with its NOT_CLOSED code. A retrain the gate honestly rejects closes the loop."""
+    def not_closed(key: str, why: str) -> tuple[str, int]:
+        return f"loop not closed: {why}", NOT_CLOSED[key]
+
+    before, after = result.get("champion_before"), result.get("champion_after")
+    if before is None:
+        return not_closed("no_champion", result.get("stopped") or "no champion after the lifecycle")
+    drifted = result.get("drifted_monitor") or {}
+    if drifted.get("decision") != "drift":
+        return not_closed("no_drift", f"the drifted traffic was judged {drifted.get('decision') or 'nothing'} "
+                                      f"({drifted.get('reason', 'no monitor run')}); no retrain was asked for")
+    rt = result.get("drifted_retrain") or {}
+    if rt.get("status") not in ("promoted", "rejected"):
+        state = rt.get("status") or rt.get("state") or "missing"
+        return not_closed("no_retrain", f"the drift-triggered retrain did not finish with a gate decision ({state}: "
+                                        f"{rt.get('reason') or rt.get('message') or 'no details'})")
+    if rt["status"] == "rejected":
+        return f"loop closed: v{before} -> v{before} serving (challenger v{rt.get('version')} rejected: "                f"{rt.get('reason')})", 0
+    swap = result.get("swap") or {}
+    if not swap.get("swapped"):
+        return not_closed("no_swap", f"v{after} was promoted but the server still serves v{swap.get('version')} "
+                                     f"({swap.get('error') or 'no reload seen in loop.swap_timeout_s'})")
+    return f"loop closed: v{before} -> v{after} serving (retrain promoted v{after}: {rt.get('reason')})", 0
+
+
 def _monitor_cell(m: dict | None) -> str:
     if not m:
         return "not run"
@@ -288,11 +320,14 @@ def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]
                 for d in order if {"champion", "challenger"} <= set(table[d])]
 
 
-def print_loop_summary(result: dict) -> None:
+def print_loop_summary(result: dict) -> int:
+    """The verdict line, the stage table and the old-vs-new table; returns the verdict's exit code."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 140)   # a piped `make run` log gets wide rows
+    line, code = verdict(result)
+    console.print(line, style="bold green" if code == 0 else "bold red", markup=False, highlight=False)
     table = Table(title="closed loop", title_justify="left")
     table.add_column("stage", style="bold", no_wrap=True)
     table.add_column("MLflow run", no_wrap=True)
@@ -310,3 +345,4 @@ def print_loop_summary(result: dict) -> None:
         console.print(old)
     console.print(f"Prefect runs: {result.get('prefect_api')} (the local server stops now; `make prefect-ui` "
                   f"reopens them)")
+    return code

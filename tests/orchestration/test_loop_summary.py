@@ -1,7 +1,7 @@
 """The closed loop's summary tables from a loop result (flows/loop.py): what a reader of `make run` sees."""
 from __future__ import annotations
 
-from flows.loop import champion_rows, summary_rows
+from flows.loop import NOT_CLOSED, champion_rows, summary_rows, verdict
 
 LIFECYCLE = {"lifecycle_run_id": "L1", "deploy": {"decision": "promote", "version": "1", "reason": "no champion"}}
 SERVER = {"action": "started", "url": "http://127.0.0.1:8000", "version": "1"}
@@ -68,3 +68,37 @@ def test_a_lifecycle_without_a_champion_stops_the_loop_with_the_gate_reason():
                          "stopped": "no champion to serve (the lifecycle's gate: reject v1: success criteria not met)"})
     assert [r[0] for r in rows] == ["lifecycle", "loop"]
     assert rows[1][2].startswith("stopped: no champion to serve") and "success criteria not met" in rows[1][2]
+
+
+# ----------------------------------------------------------------------------- the verdict (first line, exit code)
+def _loop(**over):
+    base = {"lifecycle": LIFECYCLE, "server": SERVER, "champion_before": "1", "champion_after": "2",
+            "drifted_monitor": {"decision": "drift", "monitor_run_id": "M2", "drift_share": 0.8},
+            "drifted_retrain": {"status": "promoted", "version": "2", "reason": "better", "run_id": "R1"},
+            "swap": {"swapped": True, "version": "2"}}
+    return {**base, **over}
+
+
+def test_verdict_of_a_promoting_loop_is_closed_with_the_new_version_serving():
+    assert verdict(_loop()) == ("loop closed: v1 -> v2 serving (retrain promoted v2: better)", 0)
+
+
+def test_verdict_of_an_honest_reject_is_still_a_closed_loop_with_its_reason():
+    line, code = verdict(_loop(champion_after="1", swap=None,
+                               drifted_retrain={"status": "rejected", "version": "2", "reason": "gain not significant"}))
+    assert (line, code) == ("loop closed: v1 -> v1 serving (challenger v2 rejected: gain not significant)", 0)
+
+
+def test_verdicts_of_loops_that_did_not_close_have_their_own_codes():
+    no_champ = verdict({"lifecycle": LIFECYCLE, "champion_before": None, "stopped": "no champion to serve (x)"})
+    assert no_champ == ("loop not closed: no champion to serve (x)", NOT_CLOSED["no_champion"])
+    missed = verdict(_loop(drifted_monitor={"decision": "no_drift", "reason": "share 0.1 < 0.5"}))
+    assert missed[0].startswith("loop not closed: the drifted traffic was judged no_drift (share 0.1")
+    assert missed[1] == NOT_CLOSED["no_drift"]
+    timed_out = verdict(_loop(drifted_retrain={"state": "RUNNING", "message": "timed out after 1800 s"}))
+    assert timed_out == ("loop not closed: the drift-triggered retrain did not finish with a gate decision "
+                         "(RUNNING: timed out after 1800 s)", NOT_CLOSED["no_retrain"])
+    stuck = verdict(_loop(swap={"swapped": False, "version": "1", "error": "load failed"}))
+    assert stuck == ("loop not closed: v2 was promoted but the server still serves v1 (load failed)",
+                     NOT_CLOSED["no_swap"])
+    assert len(set(NOT_CLOSED.values())) == len(NOT_CLOSED) and min(NOT_CLOSED.values()) > 2  # 1, 2 mean failure, usage
