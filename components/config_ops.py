@@ -151,9 +151,13 @@ class RetrainConfig(Section):
     min_new_documents: int = Field(20, ge=1, description="fewest new usable pairs (SFT + preference, not already in "
                                                          "the data) a retrain needs; fewer ends it as not_enough_data")
     feedback_dir: str = Field("data/feedback", description="folder of the server's feedback-*.jsonl files")
-    holdout_share: float = Field(0.2, ge=0, lt=1, description="share of the new SFT prompts held out of training "
-                                                             "(beside those the data split puts in test) to compare "
-                                                             "old and new champion on the drifted domain")
+    holdout_share: float = Field(0.3, ge=0, lt=1, description="share of the new SFT prompts held out of training "
+                                                             "(beside those the data split puts in test): the drifted "
+                                                             "domain of the new data version's test split, which the "
+                                                             "retrain's gate must improve significantly")
+    new_data_share: float = Field(0.3, gt=0, lt=1, description="share of the challenger's training draws that come "
+                                                              "from the new pairs (they are ~1% of the rows): each new "
+                                                              "row gets the sampling weight that makes it so")
     sft_max_steps: int = Field(100, ge=1, description="SFT steps of the challenger, started from the champion")
     align_max_steps: int = Field(30, ge=1, description="steps of the alignment stage(s) after SFT (dpo, or reward "
                                                        "and ppo per finetune.method)")

@@ -3,7 +3,8 @@
 Each entry names the library and the exact message, so a real warning from the same library still shows:
 Lightning's litlogger advert and TPU line, its pytree deprecation (fixed upstream, not ours to act on),
 its "modules in eval mode" warning (frozen reference models are in eval mode on purpose), and
-mlflow.transformers' "model card could not be retrieved from the hub" (models here never come from a hub).
+mlflow.transformers' "model card could not be retrieved from the hub" and "license information" (models
+here never come from a hub), and transformers' per-save "Writing model shards" bar.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ _DONE = False
 LOG_NOISE = (("lightning.pytorch.utilities.rank_zero", "litlogger"),
              ("lightning.pytorch.utilities.rank_zero", "TPU available"),
              ("lightning.fabric.utilities.rank_zero", "TPU available"),
-             ("mlflow.transformers", "model card could not be retrieved"))
+             ("mlflow.transformers", "model card could not be retrieved"),
+             ("mlflow.transformers", "Unable to find license information"))
 # Substrings of Python warnings that are ignored.
 WARNING_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*module\(s\) in eval mode at the start of training.*")
 
@@ -39,3 +41,7 @@ def third_party() -> None:
         warnings.filterwarnings("ignore", message=message)
     for name, needle in LOG_NOISE:
         logging.getLogger(name).addFilter(_Drop(needle))
+    # transformers' "Writing model shards" bar on every save_pretrained of a single-shard model.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -106,14 +106,19 @@ def chinchilla_plan(budget_flops: float, available_tokens: float, tokens_per_par
                 flops=6.0 * n * d, data_limited=limited, epochs=d / max(available_tokens, 1.0))
 
 
-def shape_for_params(target: float, vocab_size: int, block_size: int, head_dim: int = 32) -> dict[str, int]:
-    """The (n_layer, n_embd) on a small grid whose parameter count is closest to target (log scale)."""
+MIN_EMBD = 64    # at least two heads of 32: a 1-head, 32-dim model is mostly embedding table (vocab x 32)
+
+
+def shape_for_params(target: float, vocab_size: int, block_size: int, head_dim: int = 32,
+                     min_params: int = 0) -> dict[str, int]:
+    """The (n_layer, n_embd) on a small grid whose parameter count is closest to target (log scale),
+    never below min_params and never narrower than MIN_EMBD (two heads)."""
     best: tuple[float, dict[str, int]] | None = None
-    for n_embd in (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
+    for n_embd in (64, 96, 128, 192, 256, 384, 512, 768, 1024):
         for n_layer in range(2, 25):
             n = param_count(n_layer, n_embd, vocab_size)
             # Keep depth and width in proportion (aspect ratio d/L between 16 and 96, as small GPTs do).
-            if not 16 <= n_embd / n_layer <= 96:
+            if not 16 <= n_embd / n_layer <= 96 or n < min_params or n_embd < MIN_EMBD:
                 continue
             err = abs(math.log(n / target))
             if best is None or err < best[0]:
@@ -242,6 +247,8 @@ class ScopingReport:
     planned_pretrain_seconds: float = 0.0    # stage_seconds(pretrain_steps): what the lifecycle compares with
     tokens_to_train: float = 0.0             # pretrain_steps * batch * block * ranks
     costs: dict = field(default_factory=dict)
+    assumed_tokens_per_sec: float | None = None     # scoping.reference_tokens_per_sec (budget_flops plans)
+    assumed_pretrain_seconds: float | None = None   # the planned stage at that speed: what the budget expected
     probes: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -317,7 +324,7 @@ def run(settings: Settings, measure_steps: int | None = None, reuse: bool = Fals
     else:  # first guess only: the probes replace this rate with the measured one
         guess_s = max(budget_s - fixed_s, 0.1 * budget_s)
         plan = chinchilla_plan(guess_s * matmul * FIRST_GUESS_MFU * target.world_size, tokens, r, sc.max_epochs)
-    shape = shape_for_params(floor(plan.n_params), vocab, block)
+    shape = shape_for_params(floor(plan.n_params), vocab, block, min_params=sc.min_params)
     candidates: list[_Candidate] = []
     for _ in range(sc.probe_rounds):
         if any(c.shape == shape for c in candidates):
@@ -328,7 +335,9 @@ def run(settings: Settings, measure_steps: int | None = None, reuse: bool = Fals
         costs = StepCosts(step_s=p.step_s, val_batch_s=p.val_batch_s, ckpt_s=p.ckpt_s, fixed_s=fixed_s,
                           warmup_s=max(0.0, p.warmup_s - p.step_s))
         if budget_s is None:
-            steps = max(1, int(plan.n_tokens // step_tokens))
+            # The budget's FLOPs spent on this very shape: C = 6 * N_shape * steps * step_tokens. The plan (hence
+            # the model and the step count) is the same on every machine; only its predicted wall time moves.
+            steps = max(1, int(sc.budget_flops // (6.0 * n * step_tokens)))
             shape_plan = plan
         else:
             steps = steps_for_budget(budget_s, costs, cadence)
@@ -337,7 +346,7 @@ def run(settings: Settings, measure_steps: int | None = None, reuse: bool = Fals
             if shape_plan.data_limited:  # more epochs would not pay off: stop early, under budget
                 steps = min(steps, max(1, math.ceil(tokens * sc.max_epochs / step_tokens)))
         candidates.append(_Candidate(shape=shape, n_params=n, costs=costs, steps=steps, plan=shape_plan))
-        shape = shape_for_params(floor(shape_plan.n_params), vocab, block)
+        shape = shape_for_params(floor(shape_plan.n_params), vocab, block, min_params=sc.min_params)
     # The probed shape closest to the Chinchilla ratio at its own measured speed (robust to a noisy probe
     # that would send the search back and forth).
     best = min(candidates, key=lambda c: abs(math.log(c.steps * step_tokens / (r * c.n_params))))
@@ -381,6 +390,15 @@ def _finish(settings: Settings, target, key: str, matmul: float, best: _Candidat
     if scoping_probe.compiled(pt, target.device):
         notes.append(f"compiled run: {COMPILE_S:.0f} s of compilation counted; steps probed eager, so it may "
                      "finish early")
+    assumed_tps = sc.reference_tokens_per_sec if budget_s is None else None
+    assumed_s = None
+    if assumed_tps:
+        # The same stage with its steps at the reference speed (fixed, validation and checkpoint costs as measured).
+        assumed_costs = StepCosts(**{**asdict(best.costs), "step_s": step_tokens / assumed_tps})
+        assumed_s = stage_seconds(best.steps, assumed_costs, cadence)
+        ratio = tps / assumed_tps
+        notes.append(f"FLOP budget: the same plan on every machine; measured {tps:,.0f} tokens/s is {ratio:.2f}x the "
+                     f"{assumed_tps:,.0f} it was sized for, so pretraining takes ~{planned:.0f} s (not {assumed_s:.0f})")
     mixed = target.precision.endswith("-mixed") or target.precision.startswith(("bf16", "16"))
     memory = training_memory_bytes(best.n_params, shape["n_layer"], shape["n_embd"], shape["n_head"], pt.batch_size,
                                    shape["block_size"], activation_factor=1.0 if mixed else 2.0)
@@ -394,7 +412,7 @@ def _finish(settings: Settings, target, key: str, matmul: float, best: _Candidat
         plan_key=key, accelerator=target.device, device_name=target.name, precision=target.precision,
         world_size=target.world_size, budget_seconds=budget_s, planned_pretrain_seconds=planned,
         tokens_to_train=float(best.steps * step_tokens),
-        costs=asdict(best.costs),
+        costs=asdict(best.costs), assumed_tokens_per_sec=assumed_tps, assumed_pretrain_seconds=assumed_s,
         probes=[{"n_layer": c.shape["n_layer"], "n_embd": c.shape["n_embd"], "n_params": c.n_params,
                  "step_s": c.costs.step_s, "tokens_per_sec": step_tokens / c.costs.step_s, "steps": c.steps,
                  "tokens_per_param": c.steps * step_tokens / c.n_params} for c in candidates],
@@ -462,6 +480,9 @@ def summary_rows(report: ScopingReport) -> list[tuple[str, str]]:
         ("tokens to train", f"{trained:,.0f} ({trained / max(p['available_tokens'], 1.0):.2f} epochs"
                             f"{', data-limited' if p['data_limited'] else ''})"),
         ("pretrain steps", f"{report.pretrain_steps:,}"),
+        *([("speed the plan assumed", f"{report.assumed_tokens_per_sec:,.0f} tokens/s: "
+                                        f"{report.assumed_pretrain_seconds:.0f} s of pretraining")]
+          if report.assumed_tokens_per_sec else []),
         ("planned pretrain wall time", f"{report.planned_pretrain_seconds:.0f} s (step {ms('step_s')} ms, "
                                        f"val batch {ms('val_batch_s')} ms, checkpoint {ms('ckpt_s')} ms, "
                                        f"fixed {c.get('fixed_s', 0):.0f} s)"),

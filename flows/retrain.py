@@ -55,14 +55,23 @@ def compare_task(config: str, overrides: list[str], champion: str, challenger: s
     return {**figures, **gate_figures(settings, versions)}
 
 
-def training_overrides(settings: cfg.Settings, champion_uri: str) -> list[str]:
-    """Few steps at a smaller learning rate, from the champion, on data/retrain (retrain.* params)."""
-    from components.monitoring.feedback import data_overrides
+def training_overrides(settings: cfg.Settings, champion_uri: str, drifted_rows: int) -> list[str]:
+    """Few steps at a smaller learning rate, from the champion, on data/retrain (retrain.* params).
+
+    With a held-out drifted slice in the new test split, the gate's primary is that slice
+    (sft_drifted_bits_per_byte: the retrain must significantly improve the domain it was asked for), and
+    the base rows of the SFT test split join the guards at the forgetting tolerance of the raw test split.
+    """
+    from components.monitoring.feedback import DRIFTED, data_overrides
     from components.training.stages import finetune_stages
 
     r = settings.retrain
     out = [*data_overrides(settings), f"model.init_from={champion_uri}", f"sft.max_steps={r.sft_max_steps}",
            f"sft.lr={settings.sft.lr * r.lr_scale:g}"]
+    if drifted_rows:
+        guard = settings.evaluate.tolerances.get("test_bits_per_byte", 0.02)
+        out += [f"evaluate.primary_metric=sft_{DRIFTED}_bits_per_byte",
+                f"evaluate.tolerances.sft_base_bits_per_byte={guard:g}"]
     for stage in finetune_stages(settings.finetune.method)[1:]:
         out += [f"{stage}.max_steps={r.align_max_steps}", f"{stage}.lr={getattr(settings, stage).lr * r.lr_scale:g}"]
     return out
@@ -138,7 +147,7 @@ def _retrain(config: str, overrides: list[str], settings: cfg.Settings, monitor_
     # Pinned, not @champion: the alias may move while this retrain runs.
     champion_uri = f"models:/{name}/{champ.version}"
     client.set_tag(run_id, "champion_version", str(champ.version))
-    ov = [*overrides, *training_overrides(settings, champion_uri)]
+    ov = [*overrides, *training_overrides(settings, champion_uri, data["holdout"])]
     data_run = data_flow(config, ov)
     client.set_tag(run_id, "data_hash", data_run["data_hash"])
     trained = finetune_task(config, ov, champion_uri)

@@ -32,6 +32,10 @@ def report_metrics(report: scoping.ScopingReport) -> dict[str, float]:
         "checkpoint_seconds": c.get("ckpt_s", 0.0), "stage_overhead_seconds": c.get("fixed_s", 0.0),
         "train_memory_gb": report.train_memory_gb, "serving_ms_per_token": report.serving_ms_per_token,
     }
+    if report.assumed_tokens_per_sec:
+        metrics["assumed_tokens_per_sec"] = report.assumed_tokens_per_sec
+        metrics["assumed_pretrain_seconds"] = report.assumed_pretrain_seconds or 0.0
+        metrics["measured_over_assumed_speed"] = report.train_tokens_per_sec / report.assumed_tokens_per_sec
     if report.budget_seconds is not None:
         metrics["budget_seconds"] = report.budget_seconds
         metrics["planned_over_budget"] = report.planned_pretrain_seconds / report.budget_seconds

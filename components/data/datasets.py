@@ -78,7 +78,8 @@ def _user_pairs(settings: Settings, key: str, fields: tuple[str, ...]) -> dict[s
         if row_id in seen:
             raise DataError(f"{path}:{line_no}: duplicate id {row_id!r}")
         seen.add(row_id)
-        row = {"id": row_id, "doc_id": row_id, "name": str(obj.get("name", "")), **{f: obj[f] for f in fields}}
+        row = {"id": row_id, "doc_id": row_id, "name": str(obj.get("name", "")), **{f: obj[f] for f in fields},
+               **_weight_and_domain(obj, path, line_no)}
         if "chosen" in fields:
             row["kind"] = "user"      # provenance, whatever the file says: one of the known kinds
         split = obj.get("split")
@@ -88,6 +89,23 @@ def _user_pairs(settings: Settings, key: str, fields: tuple[str, ...]) -> dict[s
             raise DataError(f"{path}:{line_no}: field 'split' must be one of {', '.join(layout.SPLITS)}, got {split!r}")
         by_split[split].append(row)
     return by_split
+
+
+def _weight_and_domain(obj: dict, path: Path, line_no: int) -> dict:
+    """A pair's optional `weight` (training sampling weight, a positive number; a retrain up-weights its new
+    pairs) and `domain` (a name the gate scores separately, e.g. `drifted`), checked and passed through."""
+    out: dict = {}
+    if "weight" in obj:
+        w = obj["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w != w or w == float("inf"):
+            raise DataError(f"{path}:{line_no}: field 'weight' must be a positive finite number, got {w!r}")
+        out["weight"] = float(w)
+    if "domain" in obj:
+        if not isinstance(obj["domain"], str) or not obj["domain"].isidentifier():
+            raise DataError(f"{path}:{line_no}: field 'domain' must be a name (letters, digits, _), "
+                            f"got {obj['domain']!r}")
+        out["domain"] = obj["domain"]
+    return out
 
 
 def _corpus_pairs(settings: Settings, by_split: dict[str, list[dict]]) -> tuple[dict, dict, int]:

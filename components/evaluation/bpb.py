@@ -40,6 +40,11 @@ class DocScores:
     def to_json(self) -> dict[str, Any]:
         return {"ids": list(self.ids), "bits": [float(b) for b in self.bits], "bytes": [int(b) for b in self.nbytes]}
 
+    def subset(self, keep: Sequence[int]) -> "DocScores":
+        """The documents at positions `keep`, in that order (a domain of an evaluation set)."""
+        idx = np.asarray(list(keep), dtype=np.int64)
+        return DocScores([self.ids[i] for i in idx], self.bits[idx], self.nbytes[idx])
+
     @classmethod
     def outcomes(cls, ids: Sequence[str], values: Sequence[bool | int | float]) -> "DocScores":
         """Per-prompt 0/1 outcomes (syntax-valid, defines-name) as bits = outcome, bytes = 1: the pooled value

@@ -53,6 +53,16 @@ PAIRED_DATA = {"sft_bits_per_byte": "sft", "test_bits_per_byte": "test",
                "syntax_valid_rate": "syntax_valid", "defines_name_rate": "defines_name"}
 
 
+def paired_key(metric: str) -> str:
+    """The scorecard docs behind a gated metric; sft_<domain>_bits_per_byte is the SFT test split's domain
+    (a retrain's `drifted` slice, the `base` rows): docs "sft@<domain>"."""
+    if metric in PAIRED_DATA:
+        return PAIRED_DATA[metric]
+    if metric.startswith("sft_") and metric.endswith("_bits_per_byte"):
+        return "sft@" + metric[len("sft_"):-len("_bits_per_byte")]
+    raise GateError(f"gate: no per-item scores are kept for {metric!r}, so it cannot be tested")
+
+
 def lower_is_better(metric: str) -> bool:
     """Direction registry: bits, perplexity, loss and latency go down when a model improves; the rest go up."""
     m = metric.lower()
@@ -97,7 +107,7 @@ def regression(candidate: Scorecard, champion: Scorecard, metric: str, tol: floa
     or one within tolerance, never blocks; slack is relative for bits per byte, absolute for rates.
     """
     cand, champ = _get(candidate.metrics, metric, "candidate"), _get(champion.metrics, metric, "champion")
-    key = PAIRED_DATA[metric]
+    key = paired_key(metric)
     iv = _paired(_docs(candidate, key, "candidate"), _docs(champion, key, "champion"), metric, cfg, one_sided=True)
     slack = _slack(champ, tol, metric)
     lower = lower_is_better(metric)
@@ -131,12 +141,14 @@ def criteria_failures(cand: Scorecard, criteria: SuccessCriteria, cfg: EvaluateC
         if not ok:
             failures.append(f"{primary} {value:.4g} > max {criteria.max_bits_per_byte:.4g}")
     if criteria.beat_baseline != "none":
-        base = criteria.beat_baseline
+        # On the whole split the primary belongs to (a domain's primary, sft_drifted, is judged on all of sft).
+        base, whole = criteria.beat_baseline, f"{split}_bits_per_byte"
         iv = _paired(_docs(cand, split, "candidate"), _docs(cand, f"{split}.{base}", "candidate"),
-                     f"{primary} vs the {base} baseline", cfg)
+                     f"{whole} vs the {base} baseline", cfg)
+        value = _get(cand.metrics, whole, "candidate")
         compared[f"criteria.beats_{base}"] = {"candidate": value, "baseline": value - iv.delta, **_interval_fields(iv)}
         if not iv.a_better:
-            failures.append(f"{primary} does not significantly beat the {base} baseline: "
+            failures.append(f"{whole} does not significantly beat the {base} baseline: "
                             + iv.describe("candidate", base))
     return failures
 
@@ -171,8 +183,8 @@ def decide(candidate: Scorecard, champion: Scorecard | None, criteria: SuccessCr
                             f"delta {r['delta']:+.4f}, one-sided {r['confidence']:.0%} bound "
                             f"{r['low'] if kind == 'relative' else r['high']:+.4f} beyond the tolerance "
                             f"{r['tolerance']:g} {kind} (slack {r['slack']:.4f}) over {r['n']} paired items")
-    split = primary.split("_", 1)[0]
-    iv = _paired(_docs(candidate, split, "candidate"), _docs(champion, split, "champion"), primary, cfg)
+    key = paired_key(primary)
+    iv = _paired(_docs(candidate, key, "candidate"), _docs(champion, key, "champion"), primary, cfg)
     # The primary's own record is its two-sided improvement test (the one-sided regression check above stays
     # in the reason when it fired).
     compared[primary].update(_interval_fields(iv), one_sided=False, improved=iv.a_better)

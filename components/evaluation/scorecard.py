@@ -25,6 +25,7 @@ from components.evaluation.bpb import DocScores, doc_scores, model_bits, ngram_b
 from components.evaluation.gate import Scorecard
 
 ARTIFACT = "evaluation/scorecard.json"
+BASE_DOMAIN = "base"      # SFT rows without a `domain` field
 GEN_BATCH = 8
 
 
@@ -101,6 +102,7 @@ def score(settings: Settings, model: Any, tokenizer: Any, device: Any,
     for split, its in items.items():
         card.docs[split] = doc_scores(its, model_bits(model, its, block, device))
         card.metrics[f"{split}_bits_per_byte"] = card.docs[split].bits_per_byte
+    add_domains(card, rows)
     if baselines:
         _baselines(settings, rows, docs, card, baselines if isinstance(baselines, dict) else fit_count_models(settings))
 
@@ -117,6 +119,18 @@ def score(settings: Settings, model: Any, tokenizer: Any, device: Any,
         card.metrics[f"{outcome}_rate"] = card.docs[outcome].bits_per_byte if checks else 0.0
     return card, {"rows": prompt_rows_, "prompts": prompts, "completions": completions, "checks": checks,
                   "generation_wall_s": gen_wall}
+
+
+def add_domains(card: Scorecard, rows: list[dict]) -> None:
+    """With more than one `domain` among the SFT test rows (a retrain's `drifted` slice beside the base rows),
+    each domain's documents as docs["sft@<domain>"] and metric sft_<domain>_bits_per_byte."""
+    domains = [str(r.get("domain") or BASE_DOMAIN) for r in rows]
+    if len(set(domains)) < 2:
+        return
+    for domain in sorted(set(domains)):
+        part = card.docs["sft"].subset([i for i, d in enumerate(domains) if d == domain])
+        card.docs[f"sft@{domain}"] = part
+        card.metrics[f"sft_{domain}_bits_per_byte"] = part.bits_per_byte
 
 
 def _baselines(settings: Settings, rows: list[dict], docs: list[dict], card: Scorecard, models: dict[str, Any]) -> None:

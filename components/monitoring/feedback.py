@@ -13,7 +13,9 @@ rebuild data/processed through the same GE suites, and dvc.lock (so data_hash) g
 A new stage would need per-run inputs (a monitor run's window) in a static dvc.yaml.
 Every merged row carries its `split` (the datasets stage honours it): base rows stay where they were,
 so the gate's test set stays whole; new prompts get the stage's prompt-hash split. A slice of the new
-SFT rows (retrain.holdout_share, plus those in test) is held out of training as the drifted-domain set.
+SFT rows (retrain.holdout_share, plus those in test) is held out of training as the drifted-domain set:
+test rows of domain `drifted` in the new version, the set the retrain's gate must improve. New training
+rows carry a sampling `weight` so that they make up retrain.new_data_share of the challenger's draws.
 Compromise: data/retrain/ itself is git-ignored; what it made is cached by DVC in data/processed.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from components.errors import ConfigError
 from components.monitoring.descriptors import user_text
 
 SFT_FIELDS = ("prompt", "response")
+DRIFTED = "drifted"     # the domain of the held-out slice in the new data version's test split
 PREF_FIELDS = ("prompt", "chosen", "rejected")
 # Prefixes components.data.datasets puts on user pair ids; stripped so ids stay stable over retrains.
 ID_PREFIXES = ("sft:", "preference_jsonl:", "preference:")
@@ -254,6 +257,18 @@ def _base_rows(settings: Settings, folder: Path, fields: tuple[str, ...]) -> lis
     return rows
 
 
+def new_row_weight(n_base: int, n_new: int, share: float) -> float:
+    """The sampling weight w of each new row (base rows weigh 1) that gives the new rows `share` of the draws:
+
+        n_new * w / (n_base + n_new * w) = share   =>   w = share / (1 - share) * n_base / n_new
+
+    never below 1 (new rows never count less than old ones); 1 when there are no new rows.
+    """
+    if n_new == 0:
+        return 1.0
+    return max(1.0, share / (1.0 - share) * n_base / n_new)
+
+
 def merge(settings: Settings, pairs: Pairs, window: dict[str, Any] | None = None) -> tuple[dict[str, list], dict]:
     """(files, report): the new pairs merged with the current processed pairs; nothing written yet.
 
@@ -281,18 +296,26 @@ def merge(settings: Settings, pairs: Pairs, window: dict[str, Any] | None = None
         return split_of_prompt.get(prompt) or _split(settings, prompt)
 
     holdout = [r for r in new_sft if _held_out(settings, r["prompt"], split_for(r["prompt"]))]
-    held = {r["prompt"] for r in holdout if split_for(r["prompt"]) != "test"}
-    # Held-out prompts stay out of training altogether (their preference pairs too); those in test
-    # still go to the datasets stage, which puts them in the gate's test split, never in train.
+    held = {r["prompt"] for r in holdout}
+    # Held-out prompts stay out of training altogether (their preference pairs too); all of them go to the
+    # datasets stage as test rows of domain `drifted` (below), never into train.
     train_sft = [r for r in new_sft if r["prompt"] not in held]
     train_pref = [r for r in new_pref if r["prompt"] not in held]
 
-    def clean(rows: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    def clean(rows: list[dict], fields: tuple[str, ...], **extra: Any) -> list[dict]:
         return [{"id": r["id"], "name": r.get("name", ""), **{f: r[f] for f in fields},
-                 "split": r.get("split") or split_for(r["prompt"])} for r in rows]
+                 "split": r.get("split") or split_for(r["prompt"]), **extra} for r in rows]
 
-    files = {"sft.jsonl": clean(base_sft + train_sft, SFT_FIELDS),
-             "preference.jsonl": clean(base_pref + train_pref, PREF_FIELDS),
+    share = settings.retrain.new_data_share
+    # The whole held-out slice joins the test split as domain `drifted`: versioned with the data, and the
+    # retrain's gate must improve it significantly (flows/retrain.py) while the base rows guard the rest.
+    drifted = clean(holdout, SFT_FIELDS, domain=DRIFTED)
+    for row in drifted:
+        row["split"] = "test"
+    files = {"sft.jsonl": clean(base_sft, SFT_FIELDS)
+             + clean(train_sft, SFT_FIELDS, weight=new_row_weight(len(base_sft), len(train_sft), share)) + drifted,
+             "preference.jsonl": clean(base_pref, PREF_FIELDS)
+             + clean(train_pref, PREF_FIELDS, weight=new_row_weight(len(base_pref), len(train_pref), share)),
              "holdout.jsonl": clean(holdout, SFT_FIELDS), "original_test.jsonl": original_test,
              "dropped.jsonl": [asdict(d) for d in pairs.dropped]}
     report = {"window": window or {}, "feedback_rows": dict(pairs.counts), "dropped": len(pairs.dropped),

@@ -70,11 +70,17 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str],
     return [_fit(p, r + [end], max_len) for p, r in zip(prompt_ids(tokenizer, prompts), r_ids)]
 
 
+def row_weights(rows: list[dict[str, Any]]) -> list[float]:
+    """Each row's sampling weight (its `weight` field, else 1): a retrain up-weights the pairs it learned."""
+    return [float(r.get("weight", 1.0)) for r in rows]
+
+
 class SftDataset(torch.utils.data.Dataset):
-    """Encoded SFT pairs: dict(input_ids, response_mask) as int lists."""
+    """Encoded SFT pairs: dict(input_ids, response_mask) as int lists; `weights` per pair for the sampler."""
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer, max_len: int):
         self.items = encode_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], max_len)
+        self.weights = row_weights(rows)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -92,6 +98,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         chosen = encode_pairs(tokenizer, prompts, [r["chosen"] for r in rows], max_len)
         rejected = encode_pairs(tokenizer, prompts, [r["rejected"] for r in rows], max_len)
         self.items = list(zip(chosen, rejected))
+        self.weights = row_weights(rows)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,7 +189,15 @@ def loader(dataset, batch_size: int, collate, shuffle: bool, seed: int = 0, num_
     from the seeded generator in the main process either way.
     """
     gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+    weights = getattr(dataset, "weights", None)
+    sampler = None
+    if shuffle and weights and any(w != 1.0 for w in weights):
+        # Weighted rows (a retrain's new pairs): drawn with replacement in proportion to their weight,
+        # an epoch's worth of draws per pass, from the same seeded generator.
+        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+                                                         generator=gen)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=pin_memory,
                                        persistent_workers=persistent_workers and num_workers > 0,
-                                       generator=gen if shuffle else None)
+                                       generator=gen if shuffle and sampler is None else None)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from components.data.cleaning import split_of, text_hash
 from components.monitoring import feedback
 from components.monitoring.retrain import RetrainLock
@@ -129,14 +131,26 @@ def test_merge_keeps_splits_leak_free_and_holds_out_new_prompts(tiny_settings):
     assert report["new_sft"] == 60                                     # the duplicate of a base row is not new
     held = [r["prompt"] for r in files["holdout.jsonl"]]
     assert 0 < len(held) < 60
-    trained = [p for p in (f"new prompt {i}" for i in range(60)) if p in merged]
-    assert report["usable"] == len(trained) == 60 - len([p for p in held if hashed(p) != "test"])
+    rows = {r["prompt"]: r for r in files["sft.jsonl"]}
+    trained = [p for p in (f"new prompt {i}" for i in range(60)) if p in merged and p not in held]
+    assert report["usable"] == len(trained) == 60 - len(held)
+    # Each trained new row weighs what gives the new rows retrain.new_data_share of the draws (base rows weigh 1).
+    weight = feedback.new_row_weight(120, len(trained), s.retrain.new_data_share)
+    assert weight == pytest.approx(s.retrain.new_data_share / (1 - s.retrain.new_data_share) * 120 / len(trained))
     for prompt in trained:   # new prompts get the datasets stage's own prompt-hash split
-        assert split_in_file[prompt] == hashed(prompt)
-    for prompt in held:   # held out of training: absent, or present only in test
-        assert prompt not in merged or split_in_file[prompt] == "test"
+        assert split_in_file[prompt] == hashed(prompt) and rows[prompt]["weight"] == pytest.approx(weight)
+        assert "domain" not in rows[prompt]
+    for prompt in held:   # held out of training: in the test split, as the drifted domain the gate must improve
+        assert split_in_file[prompt] == "test" and rows[prompt]["domain"] == "drifted" and "weight" not in rows[prompt]
+    assert all("weight" not in r and "domain" not in r for r in files["sft.jsonl"] if not r["prompt"].startswith("new"))
     assert all(hashed(f"new prompt {i}") != "test" or f"new prompt {i}" in held for i in range(60))
     assert len(files["original_test.jsonl"]) == 40
+
+
+def test_new_row_weight_by_hand():
+    assert feedback.new_row_weight(3600, 40, 0.3) == pytest.approx(0.3 / 0.7 * 90)   # 38.57: 30% of the draws
+    assert feedback.new_row_weight(10, 40, 0.3) == 1.0       # never below the base rows' weight
+    assert feedback.new_row_weight(100, 0, 0.3) == 1.0
 
 
 def test_lock_is_single_flight_and_released(tmp_path: Path):

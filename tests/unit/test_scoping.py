@@ -188,3 +188,42 @@ def test_reuse_only_on_the_same_device_and_precision(tiny_settings, monkeypatch)
     other = scoping.run(tiny_settings, measure_steps=1, reuse=True)
     assert not other.reused and other.plan_key != first.plan_key
     assert (other.device_name, other.precision) == ("NVIDIA H200", "bf16-mixed")
+
+
+def test_shape_never_below_min_params_nor_one_head():
+    # The default run's old optimum (~160k) with a 200k floor: the nearest shape must not lie below the floor.
+    shape = scoping.shape_for_params(160_000, vocab_size=4096, block_size=256, min_params=200_000)
+    n = scoping.param_count(shape["n_layer"], shape["n_embd"], 4096, shape["intermediate_size"])
+    assert n >= 200_000 and shape["n_head"] >= 2 and shape["n_embd"] >= scoping.MIN_EMBD
+    tiny = scoping.shape_for_params(10_000, vocab_size=4096, block_size=256)
+    assert (tiny["n_embd"], tiny["n_head"]) == (64, 2)   # no 32-dim, 1-head model however small the target
+
+
+def test_a_flop_budget_plans_the_same_model_and_steps_at_any_speed(tiny_settings, monkeypatch):
+    """budget_flops: the model and the step count do not depend on the measured speed; the predicted wall time
+    does, and the report keeps the speed the budget assumed beside it."""
+    from components import scoping_probe
+
+    def probe_at(flops_per_s):
+        def fake_probe(shape, cfg_, target, steps, scratch=None):
+            n = scoping.param_count(shape["n_layer"], shape["n_embd"], shape["vocab_size"], shape["intermediate_size"])
+            step = 6.0 * n * cfg_.batch_size * shape["block_size"] / flops_per_s
+            return scoping_probe.Probe(step_s=step, val_batch_s=step / 3, ckpt_s=0.01, warmup_s=step)
+        return fake_probe
+
+    monkeypatch.setattr(scoping, "available_train_tokens", lambda settings: (3.3e6, "test"))
+    s = cfg.load(tiny_settings.root / "params.yaml", [
+        "scoping.budget_flops=2.6e13", "scoping.tokens_per_param=2.5", "scoping.reference_tokens_per_sec=12000",
+        "scoping.min_params=200000", "tokenizer.vocab_size=4096", "pretrain.batch_size=16", "model.block_size=256"])
+    reports = []
+    for speed in (0.5e11, 1e11, 2e11):
+        monkeypatch.setattr(scoping_probe, "probe", probe_at(speed))
+        reports.append(scoping.run(s, measure_steps=1))
+    assert len({(r.n_params, r.pretrain_steps, tuple(sorted(r.model.items()))) for r in reports}) == 1
+    r = reports[1]
+    assert (r.model["n_layer"], r.model["n_embd"], r.model["n_head"]) == (4, 128, 4)
+    step_flops = 6.0 * r.n_params * 16 * 256
+    assert r.pretrain_steps * step_flops <= 2.6e13 < (r.pretrain_steps + 1) * step_flops
+    assert reports[0].planned_pretrain_seconds > 1.9 * reports[1].planned_pretrain_seconds
+    assert r.assumed_tokens_per_sec == 12000 and r.assumed_pretrain_seconds > 0
+    assert any("same plan on every machine" in note for note in r.notes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,17 @@ def test_user_pair_jsonl(tiny_root):
     sft_path.write_text("{bad\n")
     with pytest.raises(DataError, match=r"my_sft\.jsonl:1: not valid JSON"):
         datasets.run(s)
+    # A retrain's `weight` (sampling) and `domain` (a gated slice of test) pass through, checked.
+    sft_path.write_text("".join(json.dumps({"prompt": f"Say {i}", "response": f"print({i})", "weight": 2.5,
+                                            "domain": "drifted", "split": "test"}) + "\n" for i in range(30)))
+    datasets.run(s)
+    assert {(r["weight"], r["domain"]) for r in _rows(layout.sft_dir(s))["test"]} == {(2.5, "drifted")}
+    for bad, why in (({"weight": 0}, "field 'weight' must be a positive finite number, got 0"),
+                     ({"weight": "x"}, "field 'weight' must be a positive finite number, got 'x'"),
+                     ({"domain": "a b"}, "field 'domain' must be a name")):
+        sft_path.write_text(json.dumps({"prompt": "x", "response": "y", **bad}) + "\n")
+        with pytest.raises(DataError, match=r"my_sft\.jsonl:1: " + re.escape(why)):
+            datasets.run(s)
     s.data.sft_jsonl = "nope.jsonl"
     with pytest.raises(ConfigError, match=r"data\.sft_jsonl"):
         datasets.run(s)

@@ -216,3 +216,29 @@ def test_a_champion_moved_by_another_gate_stops_this_one(tiny_settings):
     with pytest.raises(GateError, match="moved from v1 to v2"):
         apply_decision(tiny_settings, name, v3, decide(card(1.0), card(1.5), CRIT, CFG), expected_champion=v1)
     assert _aliases(tiny_settings, name) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
+
+
+def test_a_retrain_gate_on_the_drifted_domain_with_the_base_rows_as_guard():
+    """The retrain's gate: primary sft_drifted_bits_per_byte (its own slice), sft_base as a forgetting guard."""
+    from components.evaluation.scorecard import add_domains
+
+    rows = [{"domain": "drifted"} if i < 12 else {} for i in range(N)]
+
+    def retrain_card(drifted: float, base: float, seed: int) -> Scorecard:
+        c = card(base, noise=0.05, seed=seed)
+        c.docs["sft"].bits[:12] = (drifted + np.random.default_rng(seed).uniform(-0.05, 0.05, 12)) * 100
+        c.metrics["sft_bits_per_byte"] = c.docs["sft"].bits_per_byte
+        add_domains(c, rows)
+        return c
+
+    retrain_cfg = EvaluateConfig(primary_metric="sft_drifted_bits_per_byte", bootstrap_samples=1000,
+                                 tolerances={**CFG.tolerances, "sft_base_bits_per_byte": 0.02})
+    champ = retrain_card(2.6, 1.8, seed=1)
+    assert set(champ.docs) >= {"sft@drifted", "sft@base"} and champ.metrics["sft_drifted_bits_per_byte"] > 2.5
+    won = decide(retrain_card(2.3, 1.8, seed=2), champ, CRIT, retrain_cfg)
+    assert won.promote, won.reason
+    assert won.compared["sft_drifted_bits_per_byte"]["docs"] == 12 and won.compared["sft_base_bits_per_byte"]["ok"]
+    forgot = decide(retrain_card(2.3, 2.0, seed=2), champ, CRIT, retrain_cfg)    # base +11%: beyond 2%
+    assert not forgot.promote and "sft_base_bits_per_byte regressed significantly" in forgot.reason
+    same = decide(retrain_card(2.6, 1.8, seed=3), champ, CRIT, retrain_cfg)
+    assert not same.promote and "primary sft_drifted_bits_per_byte" in same.reason

@@ -1,0 +1,30 @@
+"""A retrain's weighted rows: the fine-tuning loader draws them in proportion to their `weight`."""
+import torch
+
+from components.training import finetune_data as fd
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __len__(self):
+        return len(self.weights)
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_weighted_rows_get_their_share_of_the_draws():
+    # 90 base rows of weight 1 and 10 new rows of weight 0.3/0.7*90/10: the new rows are 30% of the draws.
+    weights = [1.0] * 90 + [0.3 / 0.7 * 9] * 10
+    loader = fd.loader(Rows(weights), 10, lambda b: b, shuffle=True, seed=3)
+    draws = [i for _ in range(40) for batch in loader for i in batch]
+    share = sum(i >= 90 for i in draws) / len(draws)
+    assert len(draws) == 40 * 100 and abs(share - 0.3) < 0.03
+
+
+def test_unweighted_rows_are_a_plain_seeded_shuffle():
+    loader = fd.loader(Rows([1.0] * 20), 5, lambda b: b, shuffle=True, seed=3)
+    assert sorted(i for batch in loader for i in batch) == list(range(20))    # each row once per epoch
+    assert fd.row_weights([{"weight": 4}, {}]) == [4.0, 1.0]
