@@ -176,6 +176,9 @@ class DpoConfig(TrainConfig):
     max_steps: int = 100
     lr: float = 1e-4
     beta: float = Field(0.1, gt=0, description="DPO temperature")
+    nll_weight: float = Field(0.0, ge=0, description="weight of the chosen responses' per-token NLL added to the "
+                                                     "DPO loss (RPO): keeps the real code likely, so alignment does "
+                                                     "not cost bits per byte; 0 is plain DPO")
 
 
 class PpoConfig(TrainConfig):

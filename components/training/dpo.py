@@ -70,7 +70,8 @@ def _module_class() -> type:
             pc, pr = sequence_logprobs(self.model, *args).chunk(2)                   # (B,), (B,)
             with torch.no_grad():
                 rc, rr = sequence_logprobs(self.ref, *args).chunk(2)                 # (B,), (B,)
-            return dpo_loss(pc, pr, rc, rr, self.cfg.beta)
+            n_chosen = batch["response_mask"].chunk(2)[0][:, 1:].sum(dim=1)          # (B,) scored chosen tokens
+            return dpo_loss(pc, pr, rc, rr, self.cfg.beta, self.cfg.nll_weight, n_chosen)
 
         @staticmethod
         def _scalars(out: Any) -> dict[str, torch.Tensor]:

@@ -98,15 +98,23 @@ class DpoOutput(NamedTuple):
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float) -> DpoOutput:
+             ref_rejected_logps: Tensor, beta: float, nll_weight: float = 0.0,
+             chosen_tokens: Tensor | None = None) -> DpoOutput:
     """Direct Preference Optimization, sigmoid form (Rafailov et al. 2023); inputs are (B,) sequence logps.
 
-    loss = -mean(log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]))
+    loss = -mean(log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]))  +  nll_weight * mean(-pi_c / n_c)
+    The second term (RPO, Pang et al. 2024) is the chosen responses' per-token NLL, n_c their token counts:
+    plain DPO can raise the margin by lowering both likelihoods, which costs the bits per byte the gate
+    measures; the NLL term keeps the chosen (real) code likely. nll_weight 0 is plain DPO.
     The implicit rewards beta * (pi - ref) are returned detached, for logging only.
     """
     chosen_logratio = policy_chosen_logps.float() - ref_chosen_logps.float()        # (B,)
     rejected_logratio = policy_rejected_logps.float() - ref_rejected_logps.float()  # (B,)
     loss = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)).mean()
+    if nll_weight:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: nll_weight needs chosen_tokens (response tokens of each chosen sequence)")
+        loss = loss + nll_weight * (-policy_chosen_logps.float() / chosen_tokens.float().clamp(min=1)).mean()
     chosen_rewards = (beta * chosen_logratio).detach()
     rejected_rewards = (beta * rejected_logratio).detach()
     return DpoOutput(loss, chosen_rewards, rejected_rewards,

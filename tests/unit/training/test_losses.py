@@ -90,6 +90,19 @@ def test_dpo_loss_sigmoid_form():
     assert close(same.loss, math.log(2)) and close(same.margin, 0.0)
 
 
+def test_dpo_loss_with_the_chosen_nll_term_by_hand():
+    # Two pairs; chosen sequence logps -6 (3 tokens) and -4 (2 tokens): per-token NLL 2 and 2, mean 2.
+    pc, pr = torch.tensor([-6.0, -4.0]), torch.tensor([-7.0, -5.0])
+    ref = torch.tensor([-6.5, -4.5])
+    plain = L.dpo_loss(pc, pr, ref, ref, beta=0.1)
+    rpo = L.dpo_loss(pc, pr, ref, ref, beta=0.1, nll_weight=0.5, chosen_tokens=torch.tensor([3, 2]))
+    assert close(plain.loss, math.log(1 + math.exp(-0.1)))           # both margins 1.0
+    assert close(rpo.loss, plain.loss + 0.5 * 2.0)
+    assert close(rpo.margin, plain.margin)                            # rewards unchanged by the NLL term
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        L.dpo_loss(pc, pr, ref, ref, beta=0.1, nll_weight=1.0)
+
+
 def test_dpo_loss_gradient_flows_to_policy_only():
     pc = torch.tensor([-1.0], requires_grad=True)
     pr = torch.tensor([-2.0], requires_grad=True)

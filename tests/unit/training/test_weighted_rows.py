@@ -7,6 +7,7 @@ from components.training import finetune_data as fd
 class Rows(torch.utils.data.Dataset):
     def __init__(self, weights):
         self.weights = weights
+        self.lengths = [1 + i % 7 for i in range(len(weights))]
 
     def __len__(self):
         return len(self.weights)
@@ -28,3 +29,19 @@ def test_unweighted_rows_are_a_plain_seeded_shuffle():
     loader = fd.loader(Rows([1.0] * 20), 5, lambda b: b, shuffle=True, seed=3)
     assert sorted(i for batch in loader for i in batch) == list(range(20))    # each row once per epoch
     assert fd.row_weights([{"weight": 4}, {}]) == [4.0, 1.0]
+
+
+def test_length_grouped_batches_pad_to_near_neighbours():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 250) for _ in range(400)]
+    sampler = fd.LengthGroupedSampler(lengths, 8, torch.Generator().manual_seed(1))
+    order = list(sampler)
+    assert sorted(order) == list(range(400))                 # an epoch: every row once
+    batches = [order[i:i + 8] for i in range(0, 400, 8)]
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches)
+    rand = torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist()
+    padded_random = sum(8 * max(lengths[i] for i in rand[j:j + 8]) for j in range(0, 400, 8))
+    assert padded < 0.7 * padded_random                      # far less padding than random batches
+    assert list(fd.LengthGroupedSampler(lengths, 8, torch.Generator().manual_seed(1))) == order  # seeded
