@@ -27,8 +27,9 @@ setup: $(STAMP)
 	@$(BIN)/dvc config core.analytics false
 
 # The closed loop: lifecycle -> server -> baseline + drifted traffic -> monitor -> drift-triggered retrain -> swap.
+# RUN_SET passes extra options, e.g. make run RUN_SET="--set serving.torch_threads=1".
 run: setup
-	$(BIN)/llmcycle run --loop
+	$(BIN)/llmcycle run --loop $(RUN_SET)
 
 test: setup
 	$(BIN)/python -m pytest -q
