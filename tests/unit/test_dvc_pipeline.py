@@ -123,3 +123,21 @@ def test_jsonl_fingerprint_follows_the_file(tiny_root):
     assert first["kind"] == "jsonl" and first["files"] == 1
     corpus.write_text(corpus.read_text() + json.dumps({"text": "def g():\n    return 2\n" * 4}) + "\n")
     assert fingerprint(resolve_source(settings), settings)["sha256"] != first["sha256"]
+
+
+def test_committed_dvc_lock_matches_the_code_it_hashes():
+    """The committed dvc.lock must hold the current hash of components/data: a stale one makes a fresh clone's
+    first `make run` rewrite it (a tracked file changed, every later version `git_dirty`). Fix: `dvc commit -f`
+    after a `dvc repro`, or commit the dvc.lock a run wrote. Missing outputs (a fresh clone) are not the question."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    dvc_bin = Path(sys.executable).with_name("dvc")
+    proc = subprocess.run([str(dvc_bin), "status", "--json"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout.strip().splitlines()[-1] or "{}")
+    stale = sorted({f"{stage}: {path}" for stage, entries in status.items() for e in entries if isinstance(e, dict)
+                    for path in (e.get("changed deps") or {}) if path.startswith("components/")})
+    assert stale == [], f"dvc.lock is stale for {stale}; run `dvc commit -f` (or dvc repro) and commit dvc.lock"
