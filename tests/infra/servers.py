@@ -47,9 +47,16 @@ def pg_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def missing(why: str) -> None:
+    """Skip on a developer's machine; under CI=true a missing server is a failure (.ci/run must install it)."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def need(binary: str) -> None:
     if shutil.which(binary) is None:
-        pytest.skip(f"{binary} is not installed (.ci/run installs it with apt-get as root)")
+        missing(f"{binary} is not installed (.ci/run installs it with apt-get as root)")
 
 
 def _demote() -> tuple[int, int] | None:
@@ -60,7 +67,7 @@ def _demote() -> tuple[int, int] | None:
         with contextlib.suppress(KeyError):
             entry = pwd.getpwnam(name)
             return entry.pw_uid, entry.pw_gid
-    pytest.skip("running as root with no postgres/nobody account to run Postgres as")
+    missing("running as root with no postgres/nobody account to run Postgres as")
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0, ok=(200,)) -> None:
@@ -98,7 +105,7 @@ def postgres(databases: tuple[str, ...]) -> Iterator[str]:
     """A fresh Postgres cluster on a free port with `databases`; yields postgresql://user:pw@127.0.0.1:port."""
     bin_dir = pg_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed (.ci/run installs it with apt-get as root)")
+        missing("PostgreSQL (initdb, pg_ctl) is not installed (.ci/run installs it with apt-get as root)")
     ids = _demote()
     base = Path(tempfile.mkdtemp(prefix="llmcycle-pg-"))
     data, pwfile = base / "data", base / "pw"

@@ -235,8 +235,7 @@ def test_prefect_deployments_point_at_project_flows():
             missing.append(dep["entrypoint"])
             continue
         assert re.search(rf"^def {func}\(", (REPO / path).read_text(), re.M), dep["entrypoint"]
-    if missing:
-        pytest.skip(f"flows not in this checkout yet (issue 9): {missing}")
+    assert missing == [], f"deployment entrypoints that do not exist: {missing}"
 
 
 def test_dockerfile_installs_what_pyproject_declares():

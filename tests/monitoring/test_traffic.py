@@ -13,7 +13,7 @@ from components.errors import ConfigError, DataError
 from components.monitoring.prompts import profile_prompts, stdlib_prompts, stdlib_test_prompts
 from components.monitoring.traffic import TrafficError, run_traffic
 from tests.conftest import write_params
-from tests.serving.server_helpers import KEY, build_registry, engine_available, free_port, make_app, running_server
+from tests.serving.server_helpers import KEY, build_registry, free_port, make_app, running_server
 
 
 @pytest.fixture
@@ -65,7 +65,6 @@ def _records(folder) -> list[dict]:
             if line.strip()]
 
 
-@pytest.mark.skipif(not engine_available(), reason="the serving engine is not importable")
 def test_traffic_and_feedback_reach_a_real_server(tmp_path):
     settings = build_registry(tmp_path)
     with running_server(make_app(settings)) as base:

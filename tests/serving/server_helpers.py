@@ -21,14 +21,6 @@ KEY, ADMIN = "sk-test-key-1", "sk-admin-key"
 URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-def engine_available() -> bool:
-    try:
-        from components.serving.engine import Engine  # noqa: F401
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def build_registry(root: Path, extra: dict | None = None) -> cfg.Settings:
     """Tiny project at root with versions 1 (champion), 2 (challenger) and 3 (broken) of llmcycle."""
     import mlflow

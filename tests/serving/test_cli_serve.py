@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from components.serving.auth import ADMIN_ENV, KEYS_ENV
-from tests.serving.server_helpers import build_registry, engine_available, free_port
+from tests.serving.server_helpers import build_registry, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -48,7 +48,6 @@ def test_serve_on_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(not engine_available(), reason="components/serving/engine.py has not landed yet")
 def test_serve_answers_with_generated_key(tmp_path):
     settings = build_registry(tmp_path)
     port = free_port()

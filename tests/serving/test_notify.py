@@ -9,9 +9,8 @@ import pytest
 
 from components import tracking
 from components.serving.notify import reload_server
-from tests.serving.server_helpers import ADMIN, build_registry, engine_available, free_port, make_app, running_server
+from tests.serving.server_helpers import ADMIN, build_registry, free_port, make_app, running_server
 
-pytestmark = pytest.mark.skipif(not engine_available(), reason="the serving engine is not importable")
 
 
 def test_a_promotion_reaches_the_running_server(tmp_path, monkeypatch):

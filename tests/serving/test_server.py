@@ -11,11 +11,9 @@ import httpx
 import pytest
 
 from components import tracking
-from tests.serving.server_helpers import (ADMIN, KEY, auth, build_registry, engine_available, make_app,
+from tests.serving.server_helpers import (ADMIN, KEY, auth, build_registry, make_app,
                                           running_server)
 
-pytestmark = pytest.mark.skipif(not engine_available(),
-                                reason="components/serving/engine.py (the batching engine) has not landed yet")
 
 
 @pytest.fixture(scope="module")

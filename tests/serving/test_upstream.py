@@ -14,11 +14,10 @@ import httpx
 import pytest
 
 from components import config as cfg
-from tests.serving.server_helpers import (ADMIN, KEY, auth, build_registry, engine_available, make_app,
+from tests.serving.server_helpers import (ADMIN, KEY, auth, build_registry, make_app,
                                           running_server)
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not engine_available(), reason="the builtin engine is needed as the upstream")]
+pytestmark = [pytest.mark.slow]
 
 # The upstream is the project's own server, started the way users start it; it must not proxy in turn,
 # and it keeps its request log apart from the proxy's (the one monitoring reads).
