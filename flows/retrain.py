@@ -105,12 +105,15 @@ def retrain_flow(config: str = "params.yaml", overrides: list[str] | None = None
         out["monitor_run_id"] = run.info.run_id
         with tracking.parent_run(settings, "retrain", tags={"monitor_run_id": run.info.run_id}) as active:
             out["retrain_run_id"] = active.info.run_id
+            committed = _read_lock(settings)
             try:
                 out.update(_retrain(config, overrides, settings, run.info.run_id, active.info.run_id))
             except Exception as exc:
                 # The run is marked FAILED by MLflow; the tags say why without opening the Prefect log.
                 _record(active.info.run_id, {**out, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
                 raise
+            finally:
+                _keep_lock_and_restore(settings, active.info.run_id, committed)
             _record(active.info.run_id, out)
     finally:
         lock.release()
@@ -162,6 +165,27 @@ def _retrain(config: str, overrides: list[str], settings: cfg.Settings, monitor_
             "champion_before": str(champ.version), "data_hash": data_run["data_hash"],
             "runs": {"data": data_run["run_id"], **trained["stages"], "evaluate": ev["run_id"],
                      "deploy": gate["deploy_run_id"]}}
+
+
+def _read_lock(settings: cfg.Settings) -> bytes | None:
+    path = settings.path("dvc.lock")
+    return path.read_bytes() if path.is_file() else None
+
+
+def _keep_lock_and_restore(settings: cfg.Settings, run_id: str, committed: bytes | None) -> None:
+    """The retrain's data version goes on record (dvc.lock as the retrain run's artifact retrain/dvc.lock; its
+    data sits in the DVC cache; the version carries its data_hash), and the working tree's dvc.lock goes back to
+    what it was: a scheduled retrain (or `make run`) must not leave a tracked file changed. The next
+    `llmcycle run` rebuilds data/processed from the committed pipeline (DVC checks it out from the cache)."""
+    import mlflow
+
+    path = settings.path("dvc.lock")
+    if committed is None or not path.is_file() or path.read_bytes() == committed:
+        return
+    mlflow.MlflowClient().log_artifact(run_id, str(path), "retrain")
+    tmp = path.with_suffix(".lock.tmp")
+    tmp.write_bytes(committed)
+    tmp.replace(path)
 
 
 def _record(run_id: str, out: dict) -> None:

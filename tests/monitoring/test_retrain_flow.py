@@ -108,8 +108,15 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     assert f"{fb}:31" in dropped and "unknown completion id 'nope'" in dropped
 
     # A new data version, and a challenger fine-tuned from the champion it was gated against.
-    assert tracking.data_hash(tiny_root) != hash_before
-    lock_after = tracking.dvc_lock_hashes(tiny_root)
+    # The working tree's dvc.lock is back as it was (no tracked file changed); the new version's dvc.lock is
+    # the retrain run's artifact and its hash the challenger's data_hash tag.
+    assert tracking.data_hash(tiny_root) == hash_before and tracking.dvc_lock_hashes(tiny_root) == lock_before
+    import mlflow
+    kept = Path(mlflow.artifacts.download_artifacts(run_id=out["retrain_run_id"], artifact_path="retrain/dvc.lock"))
+    assert tracking.data_hash(kept.parent) != hash_before
+    assert client.get_model_version(settings.registry.model_name, out["version"]).tags["data_hash"] == \
+        tracking.data_hash(kept.parent)
+    lock_after = tracking.dvc_lock_hashes(kept.parent)
     assert lock_after["data/processed/sft"] != lock_before["data/processed/sft"]
     # Same corpus, same tokenizer: the champion's token ids still mean what they meant.
     for path in ("data/raw", "data/processed/tokenizer", "data/processed/tokens"):

@@ -86,8 +86,10 @@ def test_late_short_request_joins_and_finishes_before_long_one(engine, tok):
     assert short.finished_at < long.finished_at
     stats = engine.stats
     assert stats["peak_running"] >= 2
-    # Shared forward passes: both sequences' tokens came out of fewer steps than tokens generated.
-    assert stats["decode_steps"] - steps_before < 100 + 3
+    # Shared forward passes: the short request rode the long one's steps and added none of its own; the long
+    # one needs at most 99 decode steps after its first token (the prefill made that), fewer if the engine
+    # was already ahead when steps_before was read.
+    assert stats["decode_steps"] - steps_before <= 99
     assert stats["running"] == 0 and stats["queue_depth"] == 0
 
 
