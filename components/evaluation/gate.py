@@ -176,7 +176,7 @@ def decide(candidate: Scorecard, champion: Scorecard | None, criteria: SuccessCr
     for metric in gated:
         regressed, compared[metric] = regression(candidate, champion, metric,
                                                  float(cfg.tolerances.get(metric, 0.0)), cfg)
-        if regressed:
+        if regressed and metric != primary:   # the primary's own two-sided test below says "not better"
             r = compared[metric]
             kind = "relative" if r["direction"] == "lower" else "absolute"
             failures.append(f"{metric} regressed significantly: {r['candidate']:.4g} vs champion {r['champion']:.4g}, "
