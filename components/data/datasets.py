@@ -2,8 +2,10 @@
 
 Token arrays are flat {train,val,test}.bin (uint16 below 65,536 ids) with EOT after every document,
 plus meta.json. Pairs come from the corpus's documented functions (or the user's JSONL) and stay in
-their document's split; pairs longer than the model context are dropped. All three outputs are built
-in temp sibling dirs, optionally checked, then renamed into place together (or not at all).
+their document's split. A corpus pair longer than the model context is dropped (there are thousands);
+a user's SFT pair (data.sft_jsonl: a retrain's feedback, each one paid for) is cut at a line boundary to
+fit instead. All three outputs are built in temp sibling dirs, optionally checked, then renamed into
+place together (or not at all).
 """
 from __future__ import annotations
 
@@ -134,6 +136,32 @@ def _fit(tokenizer, rows: list[dict], answers: tuple[str, ...], block_size: int,
     return keep, len(rows) - len(keep)
 
 
+def _trim(tokenizer, rows: list[dict], block_size: int) -> tuple[list[dict], int]:
+    """(rows, n_cut): each SFT row whose rendered pair is longer than block_size keeps the longest head of its
+    response, whole lines, that fits (binary search over the line count); a row none of whose lines fit stays
+    as it is, for _fit to drop. Why: a correction's first lines still teach the domain it came from."""
+    def fits(prompt: str, response: str) -> bool:
+        ids = encode_many(tokenizer, [format_pair(tokenizer, prompt, response)], specials_as_text=False)[0]
+        return len(ids) <= block_size
+
+    out, n_cut = [], 0
+    for row in rows:
+        lines = row["response"].split("\n")
+        if len(lines) < 2 or fits(row["prompt"], row["response"]):
+            out.append(row)
+            continue
+        lo, hi = 0, len(lines) - 1          # invariant: lines[:lo] fits (or lo == 0), lines[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(row["prompt"], "\n".join(lines[:mid])) else (lo, mid - 1)
+        if lo and "\n".join(lines[:lo]).strip():
+            out.append({**row, "response": "\n".join(lines[:lo])})
+            n_cut += 1
+        else:
+            out.append(row)
+    return out, n_cut
+
+
 def _cap(by_split: dict[str, list[dict]], cap: int | None, seed: int) -> dict[str, list[dict]]:
     """At most `cap` rows over all splits: a hash-ordered (pseudo-random, deterministic) subset, so
     every split keeps roughly its share; order within a split is preserved."""
@@ -177,8 +205,12 @@ def run(settings: Settings, check: Check | None = None) -> dict:
         if settings.data.preference_jsonl:
             pref = _user_pairs(settings, "preference_jsonl", ("prompt", "chosen", "rejected"))
         too_long = {"sft": 0, "preference": 0}
+        cut = 0
         lengths: dict[str, int] = {}
         for split in layout.SPLITS:
+            if settings.data.sft_jsonl:
+                sft[split], n = _trim(tokenizer, sft[split], block_size)
+                cut += n
             sft[split], n = _fit(tokenizer, sft[split], ("response",), block_size, lengths)
             too_long["sft"] += n
             pref[split], n = _fit(tokenizer, pref[split], ("chosen", "rejected"), block_size, lengths)
@@ -208,6 +240,7 @@ def run(settings: Settings, check: Check | None = None) -> dict:
         "preference": {s: len(pref[s]) for s in layout.SPLITS},
         "preference_kinds": dict(sorted(kinds.items())),
         "dropped_too_long": too_long,
+        "sft_cut_to_fit": cut,
         "seconds_tokens": round(t_tokens, 3),
         "seconds": round(time.perf_counter() - t0, 3),
     }

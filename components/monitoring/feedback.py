@@ -1,8 +1,8 @@
 """Feedback -> a new data version: the drifted window and the served feedback become SFT and DPO pairs.
 
 Ratings name a completion of the request log by its `id`; a completion rated up, or a correction,
-is an SFT pair; up (or corrected) vs down completions of one prompt, and explicit preferences, are
-DPO pairs. Every bad feedback row (corrupt JSON, wrong types, empty text, unknown completion id) is
+is an SFT pair, and so is an explicit preference's chosen answer; up (or corrected) vs down completions
+of one prompt, and explicit preferences, are DPO pairs. Every bad feedback row (corrupt JSON, wrong types, empty text, unknown completion id) is
 named file:line with its reason and dropped. Unrated completions are never trained on (the model's
 own outputs are no reference), and no continued-pretraining text is built from the window.
 
@@ -191,6 +191,9 @@ def _preference(obj: dict, out: Pairs) -> str | None:
     if texts["chosen"] == texts["rejected"]:
         return "chosen and rejected are the same text"
     out.preference.append({"id": _pair_id("pref", *texts.values()), **texts, "source": "preference"})
+    # The preferred answer is a good answer: an SFT pair too (its prompt's only one, often: a correction).
+    out.sft.append({"id": _pair_id("sft", texts["prompt"], texts["chosen"]), "prompt": texts["prompt"],
+                    "response": texts["chosen"], "source": "preferred"})
     return None
 
 

@@ -67,10 +67,10 @@ def test_feedback_rows_become_pairs_and_bad_rows_are_named(tmp_path: Path):
     pairs = feedback.build_pairs(WINDOW, [fb])
 
     assert [(r["prompt"], r["response"], r["source"]) for r in pairs.sft] == [
-        ("P1", "good1", "rated_up"), ("P2", "fix2", "corrected")]
+        ("P1", "good1", "rated_up"), ("P2", "fix2", "corrected"), ("P4", "a", "preferred")]
     assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in pairs.preference) == [
         ("P1", "good1", "bad1"), ("P2", "fix2", "bad2"), ("P4", "a", "b")]
-    assert pairs.usable == 5
+    assert pairs.usable == 6
     assert pairs.counts == {"rating": 3, "preference": 1}
     named = {int(d.where.rsplit(":", 1)[1]): d.reason for d in pairs.dropped}
     assert set(named) == set(BAD)

@@ -166,3 +166,30 @@ def test_user_pair_jsonl(tiny_root):
         datasets.run(s)
     assert sorted(p.name for p in layout.tokens_dir(s).parent.iterdir()) == \
         ["preference", "sft", "tokenizer", "tokens"]
+
+
+def test_a_long_user_sft_pair_is_cut_at_a_line_to_fit_and_a_long_corpus_pair_is_dropped(tiny_root):
+    """A feedback correction longer than the context keeps its longest whole-line head that fits (the retrain
+    learns its domain from it); the corpus's own too-long pairs are still dropped."""
+    s = _prepared(tiny_root, "model.block_size=64")
+    lines = [f"    value_{i} = compute_{i}(value_{i - 1})" for i in range(1, 40)]
+    long_body = "def long_one():\n" + "\n".join(lines)
+    (tiny_root / "my_sft.jsonl").write_text(
+        json.dumps({"prompt": "def long_one():", "response": long_body, "split": "train"}) + "\n"
+        + json.dumps({"prompt": "def short():", "response": "return 1", "split": "train"}) + "\n")
+    s.data.sft_jsonl = "my_sft.jsonl"
+    s.data.preference_jsonl = None
+    stats = datasets.run(s)
+    assert stats["sft_cut_to_fit"] == 1
+    rows = {r["prompt"]: r["response"] for r in _rows(layout.sft_dir(s))["train"]}
+    tok = tokenizer.load_tokenizer(s)
+    n_tokens = lambda response: len(tok.encode(tokenizer.format_pair(tok, "def long_one():", response)))  # noqa: E731
+    cut = rows["def long_one():"]
+    kept = cut.count("\n")
+    assert long_body.startswith(cut + "\n") and kept >= 1      # a head of whole lines, never the whole
+    assert n_tokens(cut) <= 64 < n_tokens("\n".join(long_body.split("\n")[:kept + 2]))   # the longest that fits
+    assert rows["def short():"] == "return 1"
+    # The corpus pairs at this context: too long ones dropped, none cut.
+    s.data.sft_jsonl = None
+    corpus = datasets.run(s)
+    assert corpus["dropped_too_long"]["sft"] > 0 and corpus["sft_cut_to_fit"] == 0
