@@ -2,6 +2,8 @@
 SQLite MLflow store; first candidate promoted, a regressed one rejected (a completed flow), rollback."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from components import tracking
@@ -52,6 +54,31 @@ def test_evaluate_then_deploy_promotes_then_rejects(tmp_path):
         deploy_flow(config, [], label="nope")
     with pytest.raises(gate.GateError, match="previous"):
         rollback_flow(config, [])  # the first promotion had no champion before it
+
+    # A worse challenger: the champion's weights with its logits scaled 30x (confidently wrong). The gate
+    # rejects it on the primary, with the paired interval in the reason and on the version; v1 stays.
+    worse = _worse_model_uri(settings)
+    ev_worse = evaluate_flow(config, [], model_uri=worse, label="worse")
+    rejected = deploy_flow(config, [], ev_worse["model_uri"], ev_worse["metrics"], eval_run_id=ev_worse["run_id"])
+    assert ev_worse["metrics"]["sft_bits_per_byte"] > ev["metrics"]["sft_bits_per_byte"] + 1.0
+    assert rejected["decision"] == "reject" and rejected["version"] == "2" and rejected["champion"] == "1"
+    assert re.search(r"primary sft_bits_per_byte not better: candidate - champion = \+\d+\.\d{4} bits/byte, "
+                     r"95% interval \[\+\d+\.\d{4}, \+\d+\.\d{4}\] over \d+ documents", rejected["reason"])
+    assert str(tracking.get_alias_version(settings, name, gate.CHAMPION).version) == "1"
+    import mlflow
+
+    v2 = mlflow.MlflowClient().get_model_version(name, "2")
+    assert v2.tags["gate_decision"] == "reject" and float(v2.tags["gate.sft_bits_per_byte.low"]) > 0
+
+
+def _worse_model_uri(settings) -> str:
+    from components.data import layout
+    from components.model.build import load_causal_lm
+
+    model, tok = load_causal_lm(settings, str(layout.checkpoints_dir(settings, "dpo") / "hf"))
+    model.model.norm.weight.data *= 30.0
+    with tracking.stage_run(settings, "sft"):
+        return tracking.log_hf_model(model, tok)
 
 
 def test_evaluate_flow_fails_fast_on_bad_uri(tmp_path):
