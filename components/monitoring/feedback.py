@@ -315,14 +315,17 @@ def merge(settings: Settings, pairs: Pairs, window: dict[str, Any] | None = None
     drifted = clean(holdout, SFT_FIELDS, domain=DRIFTED)
     for row in drifted:
         row["split"] = "test"
-    files = {"sft.jsonl": clean(base_sft, SFT_FIELDS)
-             + clean(train_sft, SFT_FIELDS, weight=new_row_weight(len(base_sft), len(train_sft), share)) + drifted,
-             "preference.jsonl": clean(base_pref, PREF_FIELDS)
-             + clean(train_pref, PREF_FIELDS, weight=new_row_weight(len(base_pref), len(train_pref), share)),
+    new_sft_rows = clean(train_sft, SFT_FIELDS, weight=new_row_weight(len(base_sft), len(train_sft), share))
+    new_pref_rows = clean(train_pref, PREF_FIELDS, weight=new_row_weight(len(base_pref), len(train_pref), share))
+    # Usable: what lands in train. A new pair of a prompt already in val or test (an earlier retrain's held-out
+    # drifted slice included) is kept there and is no reason to retrain.
+    usable = sum(r["split"] == "train" for r in new_sft_rows + new_pref_rows)
+    files = {"sft.jsonl": clean(base_sft, SFT_FIELDS) + new_sft_rows + drifted,
+             "preference.jsonl": clean(base_pref, PREF_FIELDS) + new_pref_rows,
              "holdout.jsonl": clean(holdout, SFT_FIELDS), "original_test.jsonl": original_test,
              "dropped.jsonl": [asdict(d) for d in pairs.dropped]}
     report = {"window": window or {}, "feedback_rows": dict(pairs.counts), "dropped": len(pairs.dropped),
-              "new_sft": len(new_sft), "new_preference": len(new_pref), "usable": len(train_sft) + len(train_pref),
+              "new_sft": len(new_sft), "new_preference": len(new_pref), "usable": usable,
               "holdout": len(holdout), "train_new_sft": len(train_sft), "train_new_preference": len(train_pref),
               "base_sft": len(base_sft), "base_preference": len(base_pref), "original_test": len(original_test)}
     return files, report

@@ -133,7 +133,9 @@ def test_merge_keeps_splits_leak_free_and_holds_out_new_prompts(tiny_settings):
     assert 0 < len(held) < 60
     rows = {r["prompt"]: r for r in files["sft.jsonl"]}
     trained = [p for p in (f"new prompt {i}" for i in range(60)) if p in merged and p not in held]
-    assert report["usable"] == len(trained) == 60 - len(held)
+    assert len(trained) == 60 - len(held)
+    # Usable: the new rows that land in train (a new prompt may hash to val: kept, not a reason to retrain).
+    assert report["usable"] == sum(split_in_file[p] == "train" for p in trained) > 0
     # Each trained new row weighs what gives the new rows retrain.new_data_share of the draws (base rows weigh 1).
     weight = feedback.new_row_weight(120, len(trained), s.retrain.new_data_share)
     assert weight == pytest.approx(s.retrain.new_data_share / (1 - s.retrain.new_data_share) * 120 / len(trained))
@@ -145,6 +147,14 @@ def test_merge_keeps_splits_leak_free_and_holds_out_new_prompts(tiny_settings):
     assert all("weight" not in r and "domain" not in r for r in files["sft.jsonl"] if not r["prompt"].startswith("new"))
     assert all(hashed(f"new prompt {i}") != "test" or f"new prompt {i}" in held for i in range(60))
     assert len(files["original_test.jsonl"]) == 40
+
+    # New preferences for prompts already in test (an earlier retrain's drifted slice, here the base test
+    # split) stay in test and are not usable: the same window again must not start a retrain.
+    again = feedback.Pairs(preference=[{"id": f"again{i}", "prompt": f"test prompt {i}", "chosen": "good",
+                                        "rejected": "bad"} for i in range(10)])
+    files, report = feedback.merge(s, again)
+    assert report["new_preference"] == 10 and report["usable"] == 0
+    assert {r["split"] for r in files["preference.jsonl"] if r["id"].startswith("again")} == {"test"}
 
 
 def test_new_row_weight_by_hand():

@@ -24,18 +24,19 @@ def _ask(i: int) -> str:
     return f"Write a test for parse_items_{i}(data) that checks empty input."
 
 
-def _window(n: int = 40) -> list[dict]:
+def _window(n: int = 40, start: int = 0) -> list[dict]:
     """Drifted requests: tests of functions instead of functions, with the model's (poor) completions."""
     # Logged as the server logs a chat request: the rendered template the model read.
     return [{"id": f"cmpl-{i}", "index": 0, "prompt": f"<|user|>\n{_ask(i)}<|end|>\n<|assistant|>\n",
              "completion": f"def test_parse_items_{i}(:\n    pass", "prompt_tokens": 12, "completion_tokens": 9,
              "latency_s": 0.1, "mean_logprob": -2.5, "version": "1", "key_id": "k", "finish_reason": "stop",
-             "ts": f"2026-11-30T00:00:{i:02d}Z"} for i in range(n)]
+             "ts": f"2026-11-30T00:{i // 60:02d}:{i % 60:02d}Z"} for i in range(start, start + n)]
 
 
 def _feedback(window: list[dict]) -> list[str]:
     lines = []
-    for i, rec in enumerate(window):
+    for rec in window:
+        i = int(rec["id"].removeprefix("cmpl-"))
         fixed = f"def test_parse_items_{i}():\n    assert parse_items_{i}([]) == []\n"
         if i % 4 == 0:
             lines.append({"kind": "rating", "completion_id": rec["id"], "rating": "up"})
@@ -62,7 +63,11 @@ def _monitor_run(settings, window: list[dict], tmp: Path) -> str:
 
 
 @pytest.mark.slow
-def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
+def test_retrain_on_drift_is_promoted_and_one_that_learns_nothing_is_rejected(tiny_root: Path, tmp_path_factory):
+    """Two retrains whose outcome is known. 1: the drifted domain (tests of functions, one template) learned
+    from its feedback for 40 steps: the held-out drifted slice's bits/byte drop significantly, so the gate
+    promotes and the champion alias moves. 2: a new drifted window at a learning rate of ~0 (the challenger is
+    the champion): no significant gain on the primary, so the gate rejects and the champion stays."""
     import mlflow
 
     from flows.lifecycle import lifecycle
@@ -74,7 +79,7 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     subprocess.run(["git", "commit", "-qm", "project"], cwd=tiny_root, check=True)
     config = str(tiny_root / "params.yaml")
     overrides = ["pretrain.max_steps=4", "data.remote=dvc-remote", "retrain.min_new_documents=5",
-                 "retrain.sft_max_steps=3", "retrain.align_max_steps=2"]
+                 "retrain.sft_max_steps=40", "retrain.lr_scale=1", "retrain.align_max_steps=2"]
     first = lifecycle(config, overrides)
     assert first["deploy"]["decision"] == "promote"
     settings = cfg.load(config, overrides)
@@ -88,8 +93,10 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
     fb.write_text("\n".join(_feedback(window)) + "\n")
 
     out = retrain_flow(config, overrides)          # no id: the newest monitor run that detected drift
-    assert out["status"] in ("promoted", "rejected") and out["reason"]
+    assert out["status"] == "promoted", out["reason"]
+    assert out["reason"].startswith("sft_drifted_bits_per_byte improved")
     assert out["monitor_run_id"] == monitor_id and out["version"] != champion
+    assert out["figures"]["challenger_drifted_bits_per_byte"] < out["figures"]["champion_drifted_bits_per_byte"]
 
     client = mlflow.MlflowClient()
     run = client.get_run(out["retrain_run_id"])
@@ -123,14 +130,26 @@ def test_retrain_end_to_end(tiny_root: Path, tmp_path_factory):
         assert lock_after[path] == lock_before[path], path
     mv = client.get_model_version(settings.registry.model_name, out["version"])
     assert mv.tags["parent_version"] == str(champion)
-    assert mv.tags["gate_decision"] == {"promoted": "promote", "rejected": "reject"}[out["status"]]
+    assert mv.tags["gate_decision"] == "promote" and float(mv.tags["gate.sft_drifted_bits_per_byte.high"]) < 0
     aliases = client.get_registered_model(settings.registry.model_name).aliases
-    assert (str(aliases["champion"]) == out["version"]) == (out["status"] == "promoted")
-    print("retrain figures:", out["figures"])
+    assert str(aliases["champion"]) == str(out["version"])
 
     # The same window and feedback again: nothing new to learn from.
     again = retrain_flow(config, overrides, monitor_run_id=monitor_id)
     assert again["status"] == "not_enough_data" and "min_new_documents is 5" in again["reason"]
+
+    # 2: new drifted prompts, a challenger that cannot learn (lr ~0): rejected on the primary, champion kept.
+    window2 = _window(start=100)
+    monitor2 = _monitor_run(settings, window2, tmp_path_factory.mktemp("window2"))
+    fb.with_name("feedback-2026-12-01.jsonl").write_text("\n".join(_feedback(window2)[:-2]) + "\n")
+    frozen = retrain_flow(config, [*overrides, "retrain.lr_scale=1e-9"], monitor_run_id=monitor2)
+    assert frozen["status"] == "rejected" and frozen["monitor_run_id"] == monitor2
+    # Its reason is the primary's, and no guard fired: the challenger is the champion to ~1e-9.
+    assert frozen["reason"].startswith("primary sft_drifted_bits_per_byte "), frozen["reason"]
+    tags = client.get_model_version(settings.registry.model_name, frozen["version"]).tags
+    assert tags["gate_decision"] == "reject"
+    assert float(tags["gate.sft_drifted_bits_per_byte.low"]) <= 0 <= float(tags["gate.sft_drifted_bits_per_byte.high"])
+    assert str(client.get_registered_model(settings.registry.model_name).aliases["champion"]) == str(out["version"])
 
 
 def _llmcycle(root: Path, *args: str) -> subprocess.CompletedProcess:
