@@ -2,7 +2,8 @@
 
 Each entry names the library and the exact message, so a real warning from the same library still shows:
 Lightning's litlogger advert and TPU line, its pytree deprecation (fixed upstream, not ours to act on),
-its "modules in eval mode" warning (frozen reference models are in eval mode on purpose), and
+its "modules in eval mode" warning (frozen reference models are in eval mode on purpose), its mid-epoch
+resume warning (the samplers here resume by step), and
 mlflow.transformers' "model card could not be retrieved from the hub" and "license information" (models
 here never come from a hub), and transformers' per-save "Writing model shards" bar.
 """
@@ -19,7 +20,10 @@ LOG_NOISE = (("lightning.pytorch.utilities.rank_zero", "litlogger"),
              ("mlflow.transformers", "model card could not be retrieved"),
              ("mlflow.transformers", "Unable to find license information"))
 # Substrings of Python warnings that are ignored.
-WARNING_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*module\(s\) in eval mode at the start of training.*")
+# The mid-epoch resume warning: the fine-tune samplers resume by the checkpoint's step (finetune_data), and
+# pretraining batches are a pure function of the step, so a mid-epoch checkpoint resumes exactly.
+WARNING_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*module\(s\) in eval mode at the start of training.*",
+                 r".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 class _Drop(logging.Filter):

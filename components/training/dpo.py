@@ -126,7 +126,7 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
     ref, _ = load_causal_lm(settings, init_from, tokenizer=tokenizer)
     max_len = model.config.max_position_embeddings
     train, val = train_val_loaders(cfg, fd.PreferenceDataset, fd.PreferenceCollator(tokenizer.pad_token_id),
-                                   train_rows, val_rows, tokenizer, max_len)
+                                   train_rows, val_rows, tokenizer, max_len, resume_from=ckpt)
     model.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as found
     module = _module_class()(model, ref, cfg)
     params = {"dpo": cfg.model_dump(mode="json"), "init_from": init_from, "n_params": count_parameters(model),

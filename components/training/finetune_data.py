@@ -7,6 +7,8 @@ prompt's tail and the response's head. Padding is right-sided for training, left
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -184,15 +186,17 @@ class PromptCollator:
 
 
 def loader(dataset, batch_size: int, collate, shuffle: bool, seed: int = 0, num_workers: int = 0,
-           pin_memory: bool = False, persistent_workers: bool = False) -> torch.utils.data.DataLoader:
+           pin_memory: bool = False, persistent_workers: bool = False,
+           start_batch: int = 0) -> torch.utils.data.DataLoader:
     """A seeded DataLoader; the defaults suit CPU training (no workers: tiny batches, the cores are the step's).
 
     On CUDA the stage passes trainer.loader_options (workers, pinned memory); the shuffle order comes
-    from the seeded generator in the main process either way.
+    from the seeded generator in the main process either way. start_batch: the batches a resumed run
+    already trained on (its checkpoint's step); the length-grouped order continues from there.
     """
     gen = torch.Generator().manual_seed(seed)
     lengths = getattr(dataset, "lengths", None)
-    sampler = LengthGroupedSampler(lengths, batch_size, gen, getattr(dataset, "weights", None)) \
+    sampler = LengthGroupedSampler(lengths, batch_size, gen, getattr(dataset, "weights", None), start_batch) \
         if shuffle and lengths else None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, collate_fn=collate,
@@ -210,20 +214,26 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     A right-padded batch then pads to a near neighbour, not to the longest of 8 random pairs: on the
     stdlib SFT set that is about half the tokens a random batch computes. Under DDP, Lightning swaps it
     for its DistributedSampler (a plain sharded shuffle).
+
+    Resumable: with start_batch = k (a checkpoint's step), the first pass replays the draws of the epochs
+    before batch k (so the generator is where the uninterrupted run's was) and yields from batch k on:
+    a resumed run trains on exactly the batches the uninterrupted one would have.
     """
 
     GROUP = 32
 
     def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, start_batch: int = 0):
         super().__init__()
         self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
         self.weights = weights if weights and any(w != 1.0 for w in weights) else None
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self):
+    def _epoch_order(self) -> list[int]:
+        """One epoch's indices in yield order (consumes the generator's draws for one epoch)."""
         n = len(self.lengths)
         if self.weights is None:
             order = torch.randperm(n, generator=self.generator).tolist()
@@ -237,7 +247,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
         full = [b for b in batches if len(b) == self.batch_size]
         partial = [b for b in batches if len(b) < self.batch_size]
-        for k in torch.randperm(len(full), generator=self.generator).tolist():
-            yield from full[k]
-        for b in partial:
-            yield from b
+        return [i for k in torch.randperm(len(full), generator=self.generator).tolist() for i in full[k]] + \
+            [i for b in partial for i in b]
+
+    def __iter__(self):
+        # Batches as the DataLoader cuts them: ceil(n / batch_size) per epoch, full ones first.
+        skip, self.start_batch = self.start_batch, 0
+        per_epoch = math.ceil(len(self.lengths) / self.batch_size)
+        order = self._epoch_order()
+        while per_epoch and skip >= per_epoch:
+            skip -= per_epoch
+            order = self._epoch_order()
+        yield from order[skip * self.batch_size:]

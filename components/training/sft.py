@@ -107,7 +107,7 @@ def run(settings: Settings, init_from: str | None = None, resume: bool = False) 
     model, tokenizer = load_causal_lm(settings, init_from)
     max_len = model.config.max_position_embeddings
     train, val = train_val_loaders(cfg, fd.SftDataset, fd.SftCollator(tokenizer.pad_token_id),
-                                   train_rows, val_rows, tokenizer, max_len)
+                                   train_rows, val_rows, tokenizer, max_len, resume_from=ckpt)
     n_params = count_parameters(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)

@@ -172,13 +172,16 @@ def final_metrics(trainer: Any, extra: dict[str, float] | None = None) -> dict[s
 
 # ----------------------------------------------------------------------------- the shared fit
 def train_val_loaders(cfg: TrainConfig, dataset: type, collate: Any, train_rows: list[dict], val_rows: list[dict],
-                      tokenizer: Any, max_len: int) -> tuple[Any, Any]:
-    """(shuffled train, ordered val) DataLoaders of one dataset class, batch size and seed from cfg."""
+                      tokenizer: Any, max_len: int, resume_from: Path | None = None) -> tuple[Any, Any]:
+    """(shuffled train, ordered val) DataLoaders of one dataset class, batch size and seed from cfg; resuming
+    from a checkpoint, the train order continues after the batches it had trained on."""
     from components.training import finetune_data as fd
-    from components.training.trainer import loader_options
+    from components.training.trainer import checkpoint_step, loader_options
 
     opts = loader_options(cfg.accelerator, cfg.num_workers)  # workers + pinned memory on CUDA, none on CPU
-    train = fd.loader(dataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed, **opts)
+    start = checkpoint_step(resume_from) if resume_from else 0
+    train = fd.loader(dataset(train_rows, tokenizer, max_len), cfg.batch_size, collate, True, cfg.seed, **opts,
+                      start_batch=start)
     val = fd.loader(dataset(val_rows, tokenizer, max_len), cfg.batch_size, collate, False, **opts)
     return train, val
 

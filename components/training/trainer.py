@@ -124,6 +124,13 @@ def last_checkpoint(settings: Settings, stage: str) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer steps a Lightning checkpoint had taken (its global_step): where a resume continues."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
 def _callbacks(settings: Settings, cfg: TrainConfig, stage: str, interactive: bool) -> list[Any]:
     """Gradient clipping, NaN/inf guard, Ctrl-C checkpoint, schedule re-sync (built here: lightning loads lazily)."""
     from lightning.pytorch.callbacks import Callback

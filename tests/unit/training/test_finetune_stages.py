@@ -200,15 +200,46 @@ def test_sft_lora_trains_the_adapter_and_merges_it(tiny_root):
 
 
 @pytest.mark.slow
-def test_sft_resume_continues_the_same_run(tiny_root):
-    from components.training import sft
-
-    settings = make_project(tiny_root, {"sft": {"max_steps": 2}})
-    first = sft.run(settings)
-    settings.sft.max_steps = 4
-    second = sft.run(settings, resume=True)
-    assert second["run_id"] == first["run_id"] and second["metrics"]["steps"] == 4
+def test_sft_resume_continues_the_same_run(tiny_root, monkeypatch):
+    """SFT that dies after its step-4 checkpoint (an exception at step 7), then --resume: the same MLflow run,
+    FINISHED, logs on from the checkpoint's step (not from 0), and ends on the uninterrupted run's loss
+    (the same batches in the same order, the optimizer and schedule restored)."""
     import mlflow
-    history = mlflow.MlflowClient().get_metric_history(first["run_id"], "train_loss")
-    assert max(m.step for m in history) >= 3
-    assert stage_run(settings, first["run_id"]).data.tags.get("resumed") == "true"
+    from components.training import sft, trainer
+
+    settings = make_project(tiny_root, {"sft": {"max_steps": 10, "ckpt_every": 4, "val_every": 5}})
+    whole = sft.run(settings)
+    client = mlflow.MlflowClient()      # after the first run: it set the project's tracking URI
+    whole_loss = {m.step: m.value for m in client.get_metric_history(whole["run_id"], "train_loss")}
+
+    import lightning as L
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, tr, module, batch, batch_idx):
+            if tr.global_step == 6:
+                raise RuntimeError("injected crash at step 7")
+
+    real = trainer.build_trainer
+    monkeypatch.setattr(trainer, "build_trainer",
+                        lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, Crash()], **k))
+    with pytest.raises(RuntimeError, match="injected crash"):
+        sft.run(settings)
+    monkeypatch.undo()
+    ckpt = trainer.last_checkpoint(settings, "sft")
+    assert trainer.checkpoint_step(ckpt) == 4
+    crashed_id = (layout.checkpoints_dir(settings, "sft") / "run_id.txt").read_text().strip()
+    crashed_steps = {m.step for m in client.get_metric_history(crashed_id, "train_loss")}
+
+    resumed = sft.run(settings, resume=True)
+    assert resumed["run_id"] == crashed_id and resumed["metrics"]["steps"] == 10
+    history = client.get_metric_history(crashed_id, "train_loss")
+    # Logged step s is optimizer step s + 1: the crashed run logged 0..5, the resume logs 4.. (the checkpoint's
+    # steps 5, 6 are trained again, from the checkpoint's weights); a restart from 0 would log step 0 twice.
+    assert crashed_steps == set(range(6))
+    resumed_steps = [m.step for m in history]
+    assert sorted(resumed_steps) == sorted([*range(6), *range(4, 10)])
+    final = {m.step: m.value for m in history}
+    assert final[9] == pytest.approx(whole_loss[9], abs=1e-6)
+    assert resumed["metrics"]["val_loss"] == pytest.approx(whole["metrics"]["val_loss"], abs=1e-6)
+    run = stage_run(settings, crashed_id)
+    assert run.data.tags.get("resumed") == "true" and run.info.status == "FINISHED"

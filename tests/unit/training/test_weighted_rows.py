@@ -1,4 +1,5 @@
 """A retrain's weighted rows: the fine-tuning loader draws them in proportion to their `weight`."""
+import pytest
 import torch
 
 from components.training import finetune_data as fd
@@ -45,3 +46,22 @@ def test_length_grouped_batches_pad_to_near_neighbours():
     padded_random = sum(8 * max(lengths[i] for i in rand[j:j + 8]) for j in range(0, 400, 8))
     assert padded < 0.7 * padded_random                      # far less padding than random batches
     assert list(fd.LengthGroupedSampler(lengths, 8, torch.Generator().manual_seed(1))) == order  # seeded
+
+
+@pytest.mark.parametrize("weights", [None, [1.0] * 50 + [6.0] * 20])
+def test_a_resumed_sampler_continues_the_uninterrupted_order_across_epochs(weights):
+    """start_batch = k yields what the uninterrupted sampler yields after its k-th batch (70 rows, batch 8:
+    9 batches an epoch, the last partial), k inside the first epoch and in the third."""
+    lengths = [(i * 37) % 101 + 1 for i in range(70)]
+
+    def stream(start_batch: int, epochs: int) -> list[int]:
+        s = fd.LengthGroupedSampler(lengths, 8, torch.Generator().manual_seed(3), weights, start_batch)
+        return [i for _ in range(epochs) for i in s]
+
+    whole = stream(0, 4)
+    per_epoch = len(whole) // 4
+    assert per_epoch == 70
+    for k in (3, 20):
+        epoch, within = divmod(k, 9)
+        resumed = stream(k, 4 - epoch)      # the resumed run's first pass is the rest of epoch `epoch`
+        assert resumed == whole[epoch * 70 + within * 8:]
