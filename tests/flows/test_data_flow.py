@@ -3,6 +3,8 @@ store, nested under a lifecycle run, with GE artifacts and dvc.lock hashes on th
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -55,18 +57,28 @@ def test_data_flow_versions_validates_and_records(tiny_root):
 
 
 def test_data_flow_stops_on_failed_validation(tiny_root):
+    """Corrupt files in the source: a text file full of control characters fails the corpus suite's one
+    non-printable expectation, which names that file's id; the empty and the binary file are dropped by
+    ingest (too_short, not_utf8), counted in its report. Nothing downstream is built; the data run FAILED."""
     from flows.data import data_flow
 
-    # Corrupt the source: a file with a NUL byte passes ingest's UTF-8 check only if NUL were kept;
-    # instead demand more data than there is, which the corpus suite must reject by name.
-    (tiny_root / "params.yaml").write_text((tiny_root / "params.yaml").read_text().replace(
-        "min_total_chars: 2000", "min_total_chars: 100000000"))
+    pkg = Path(cfg.load(tiny_root / "params.yaml").data.source.removeprefix("dir:"))
+    (pkg / "controls.py").write_text("def f():\n    return 1\n" + "x = '\x01\x02\x03\x04\x05\x06\x07\x08'\n" * 20)
+    (pkg / "empty.py").write_text("")
+    (pkg / "blob.py").write_bytes(bytes(range(128, 256)) * 8)
     init_project(tiny_root)
     settings = cfg.load(tiny_root / "params.yaml")
     with pytest.raises(DataError) as err:
         with tracking.lifecycle_run(settings) as parent:
             data_flow(str(tiny_root / "params.yaml"), [])
-    assert "expect_column_sum_to_be_between" in str(err.value) or "total" in str(err.value)
+    message = str(err.value)
+    assert re.search(r"corpus validation failed \(1 of \d+ expectations\)", message), message
+    failed = re.search(r"expect_column_values_to_be_between\(non_printable_share, <=0\.01\): 1 row, e\.g\. "
+                       r"id=(\S+) \((\d+\.\d)% non-printable\)", message)
+    assert failed and failed.group(1) == "dir:controls.py", message
+    assert float(failed.group(2)) > 1.0
+    ingest = _report(tiny_root, "ingest")
+    assert ingest["dropped"]["too_short"] == 1 and ingest["dropped"]["not_utf8"] == 1
     data_run = _runs_by_name(settings, parent.info.run_id)["data"]
     assert data_run.info.status == "FAILED"
     assert not (tiny_root / "data" / "processed" / "tokenizer" / "tokenizer.json").exists()
