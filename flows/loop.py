@@ -300,7 +300,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
 DOMAINS = {"drifted": "drifted domain (held-out slice of the drifted window)",
            "original_sft": "original domain (SFT test split before retraining)",
            "test": "original domain (raw test split, the gate's guard)",
-           "sft": "SFT test split of the new data version (the gate's primary)"}
+           "sft": "SFT test split of the new data version (base rows and the drifted slice)"}
 
 
 def champion_rows(result: dict) -> tuple[dict | None, list[tuple[str, str, str]]]:
