@@ -134,7 +134,18 @@ def test_evaluate_reports_every_metric(evaluated):
     for split in ("sft", "test"):
         assert m[f"baseline_kn3_{split}_bits_per_byte"] < m[f"baseline_unigram_{split}_bits_per_byte"] \
             < m[f"{split}_bits_per_byte"]
-    assert 0 <= m["syntax_valid_rate"] <= 1 and 0 <= m["pass_at_2"] <= 1
+    # The rates are the shares of the logged completions that parse / define the asked name, checked anew here.
+    from components.evaluation.scorers import defines_name, extract_code, parses
+
+    import mlflow
+
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=result["run_id"], artifact_path="evaluation/completions.json")).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [r["syntax_valid"] for r in rows] == [parses(extract_code(r["completion"])) for r in rows]
+    assert m["syntax_valid_rate"] == pytest.approx(sum(r["syntax_valid"] for r in rows) / len(rows))
+    assert m["defines_name_rate"] == pytest.approx(sum(r["defines_name"] for r in rows) / len(rows))
+    assert [r["defines_name"] for r in rows] == [defines_name(extract_code(r["completion"]), r["name"]) for r in rows]
     assert m["pass_at_1"] <= m["pass_at_2"]
     assert m["int8_perplexity"] == pytest.approx(m["int8_fp32_perplexity"], rel=0.05)
     assert result["model_uri"].endswith(str(Path("checkpoints") / "dpo" / "hf"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from components.model.build import build_model
-from components.model.generation import generate, sequence_logprobs
+from components.model.generation import generate, sequence_logprobs, stop_token_ids
 from tests.unit.training.helpers import tiny_tokenizer, varied_tiny_model
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "intermediate_size": 96, "vocab_size": 400}
@@ -74,10 +74,27 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model, tok)
     assert torch.equal(state, torch.get_rng_state())
 
 
+def _greedy_by_hand(model, tok, ids: list[int], n: int) -> str:
+    """The completion a plain greedy loop over the full forward pass gives (no cache, no batching)."""
+    ends = set(stop_token_ids(tok))
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in ends:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True)
+
+
 def test_long_and_empty_prompts(model, tok):
+    """A prompt beyond the context keeps its last block_size - max_new_tokens tokens; an empty one starts from
+    the end-of-text token, as every pretraining document does: each equals a plain greedy loop on that input."""
     long_prompt = "x = 1\n" * 200                                              # far beyond block_size 64
     out = generate(model, tok, [long_prompt, ""], max_new_tokens=8)
-    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    model.eval()
+    tail = tok.encode(long_prompt, add_special_tokens=False)[-(64 - 8):]
+    assert out == [_greedy_by_hand(model, tok, tail, 8), _greedy_by_hand(model, tok, [stop_token_ids(tok)[0]], 8)]
     assert generate(model, tok, [], max_new_tokens=8) == []
 
 
