@@ -29,3 +29,9 @@ class TrackingError(RuntimeError):
     """
 
     exit_code = 1
+
+
+class BusyError(RuntimeError):
+    """The project is busy: another lifecycle holds its lock (names the holder's pid, host and start). Exit 1."""
+
+    exit_code = 1

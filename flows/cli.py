@@ -47,14 +47,14 @@ def handles_errors(fn: Callable) -> Callable:
     """Map the project's error types to one-line messages and exit codes (2 usage, 1 failure)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from components.errors import ConfigError, DataError, TrackingError, TrainingError
+        from components.errors import BusyError, ConfigError, DataError, TrackingError, TrainingError
         from components.evaluation.gate import GateError
 
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             fail(str(exc), 2)
-        except (DataError, TrainingError, GateError, TrackingError) as exc:
+        except (DataError, TrainingError, GateError, TrackingError, BusyError) as exc:
             fail(str(exc), 1)
         except KeyboardInterrupt:
             fail("interrupted (the last checkpoint is kept; `--resume` continues)", 130)
@@ -112,19 +112,21 @@ def run(config: str = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                                             "(flows/loop.py; default loop.enabled, on in `make run`)")) -> None:
     """The main job: the whole lifecycle as one Prefect flow, recorded in MLflow (with --loop, the closed loop)."""
     settings = load_settings(config, set_)
-    from flows.lifecycle import lifecycle, print_summary
+    from flows.lifecycle import lifecycle, lifecycle_lock, print_summary
 
-    if settings.loop.enabled if loop is None else loop:
-        from flows.loop import print_loop_summary, run_loop
+    with lifecycle_lock(settings):   # a second `llmcycle run` refuses here, in one line, before any flow
+        if settings.loop.enabled if loop is None else loop:
+            from flows.loop import print_loop_summary, run_loop
 
-        result = run_loop(settings, config, set_ or [])
-        print_summary(settings, result["lifecycle"])
-        code = print_loop_summary(result)
-        if code:
-            raise typer.Exit(code)   # the loop did not close: its own code (flows/loop.py NOT_CLOSED, README)
-        return
-    result = lifecycle(config=config, overrides=set_ or [])
-    print_summary(settings, result)
+            result = run_loop(settings, config, set_ or [])
+            print_summary(settings, result["lifecycle"])
+            code = print_loop_summary(result)
+        else:
+            result = lifecycle(config=config, overrides=set_ or [])
+            print_summary(settings, result)
+            code = 0
+    if code:
+        raise typer.Exit(code)   # the loop did not close: its own code (flows/loop.py NOT_CLOSED, README)
 
 
 @app.command()

@@ -2,15 +2,21 @@
 
 scope -> data (dvc repro) -> pretrain -> finetune (sft -> dpo | sft -> reward -> ppo) -> evaluate -> gate.
 Stages pass references (paths, run ids, model URIs), never models. A stage that fails fails the flow
-(exit 1); a gate that rejects is a decision, not a failure.
+(exit 1); a gate that rejects is a decision, not a failure. One lifecycle per project at a time
+(data/lifecycle.lock): a second one refuses at once, naming the first.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from pydantic import BaseModel, Field
 from prefect import flow
 
 from components import tracking
 from components.config import Settings
+from components.errors import BusyError
+from components.single_flight import SingleFlightLock, describe
 from flows.data import data_flow
 from flows.deploy import deploy_flow
 from flows.evaluate import evaluate_flow
@@ -28,6 +34,25 @@ def lifecycle(config: str = "params.yaml", overrides: list[str] | None = None) -
 
     params = LifecycleParams(config=config, overrides=overrides or [])
     settings = cfg.load(params.config, params.overrides)
+    with lifecycle_lock(settings):
+        return _lifecycle(params, settings)
+
+
+@contextlib.contextmanager
+def lifecycle_lock(settings: Settings) -> Iterator[None]:
+    """One lifecycle per project at a time: two would race on data/processed, dvc.lock and the gate.
+    BusyError (exit 1) names the holder; `llmcycle run` takes it before any flow starts."""
+    lock = SingleFlightLock(settings.path("data", "lifecycle.lock"))
+    if not lock.acquire(flow="lifecycle"):
+        raise BusyError(f"another lifecycle is running in {settings.root} ({describe(lock.holder)}); "
+                        "wait for it to finish (this run started nothing)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _lifecycle(params: LifecycleParams, settings: Settings) -> dict:
     result: dict = {}
     with tracking.lifecycle_run(settings) as run:
         result["lifecycle_run_id"] = run.info.run_id

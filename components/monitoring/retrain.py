@@ -1,76 +1,16 @@
 """Retraining plumbing: the single-flight lock, the monitor run a retrain answers, old-vs-new scoring.
 
-The lock is data/retrain/retrain.lock holding the holder's pid, host and start time, guarded by
-flock: the kernel drops the lock when its holder dies, so a lock left by a killed retrain is stale
-by construction and the next retrain takes it over (and says whose it was). The file is emptied, never
-unlinked, on release: unlinking races with a process that opened it a moment before.
+The lock is data/retrain/retrain.lock (components/single_flight.py): one retrain at a time per project,
+and a lock left by a killed retrain is taken over by the next one.
 """
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
-import json
-import os
-import socket
-from pathlib import Path
 from typing import Any
 
 from components import tracking
 from components.config import Settings
 from components.errors import ConfigError
-
-
-class RetrainLock:
-    """Non-blocking exclusive lock; acquire() is False (and `holder` says who) while another retrain runs."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.fd: int | None = None
-        self.holder: dict[str, Any] = {}
-        self.taken_over: dict[str, Any] | None = None
-
-    def acquire(self, **info: Any) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.holder = _read(fd)
-            os.close(fd)
-            return False
-        previous = _read(fd)
-        # A pid left in a free lock: its holder died without releasing (killed, out of memory).
-        self.taken_over = previous or None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
-        self.fd, self.holder = fd, record
-        return True
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        os.ftruncate(self.fd, 0)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-        self.fd = None
-
-    def __enter__(self) -> "RetrainLock":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def _read(fd: int) -> dict[str, Any]:
-    raw = os.pread(fd, 4096, 0)
-    try:
-        obj = json.loads(raw) if raw.strip() else {}
-    except ValueError:
-        obj = {"unreadable": raw[:80].decode("utf-8", "replace")}
-    return obj if isinstance(obj, dict) else {}
+from components.single_flight import SingleFlightLock as RetrainLock
 
 
 def lock_for(settings: Settings) -> RetrainLock:
