@@ -12,21 +12,23 @@ import fcntl
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
-_HELD: dict[str, list] = {}      # lock path -> [depth, holder record]: the locks this process holds
+_HELD: dict[tuple[str, int], list] = {}   # (lock path, thread) -> [depth, holder record]: the locks held here
 
 
 class SingleFlightLock:
     """Non-blocking exclusive lock; acquire() is False (and `holder` says who) while another process holds it.
 
-    Re-entrant within a process: `llmcycle run` takes the project's lifecycle lock before any flow starts (a
-    refusal is then one line, not a failed flow run), and the lifecycle flow inside it takes it again.
+    reentrant=True: the thread that holds it may take it again (`llmcycle run` takes the project's lifecycle
+    lock before any flow starts, so a refusal is one line, not a failed flow run, and the lifecycle flow inside
+    it takes it again). Other threads and processes are refused either way.
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, reentrant: bool = False):
+        self.path, self.reentrant = Path(path), reentrant
         self.fd: int | None = None
         self.holder: dict[str, Any] = {}
         self.taken_over: dict[str, Any] | None = None
@@ -34,8 +36,8 @@ class SingleFlightLock:
 
     def acquire(self, **info: Any) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        key = str(self.path.resolve())
-        if key in _HELD:                 # this process holds it already (an outer acquire)
+        key = (str(self.path.resolve()), threading.get_ident())
+        if self.reentrant and key in _HELD:      # this thread holds it already (an outer acquire)
             _HELD[key][0] += 1
             self.holder, self._nested = _HELD[key][1], True
             return True
@@ -59,7 +61,7 @@ class SingleFlightLock:
         return True
 
     def release(self) -> None:
-        key = str(self.path.resolve())
+        key = (str(self.path.resolve()), threading.get_ident())
         if self._nested:
             _HELD[key][0] -= 1
             self._nested = False

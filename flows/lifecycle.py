@@ -42,7 +42,7 @@ def lifecycle(config: str = "params.yaml", overrides: list[str] | None = None) -
 def lifecycle_lock(settings: Settings) -> Iterator[None]:
     """One lifecycle per project at a time: two would race on data/processed, dvc.lock and the gate.
     BusyError (exit 1) names the holder; `llmcycle run` takes it before any flow starts."""
-    lock = SingleFlightLock(settings.path("data", "lifecycle.lock"))
+    lock = SingleFlightLock(settings.path("data", "lifecycle.lock"), reentrant=True)
     if not lock.acquire(flow="lifecycle"):
         raise BusyError(f"another lifecycle is running in {settings.root} ({describe(lock.holder)}); "
                         "wait for it to finish (this run started nothing)")
