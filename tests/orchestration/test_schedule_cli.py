@@ -71,3 +71,39 @@ def test_schedule_with_an_unreachable_prefect_api_url_fails_in_one_line(tmp_path
     assert res.returncode == 1, res.stderr
     assert f"PREFECT_API_URL={url}: no Prefect server answers" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_cron_schedule_due_within_a_minute_runs_the_real_monitor_flow(tiny_root):
+    """`llmcycle schedule` with monitor_cron every minute: the scheduler creates a flow run of the real monitor
+    deployment, the runner executes flows/monitor.py, and it completes (no request log yet: insufficient_data)."""
+    import yaml
+
+    data = yaml.safe_load((tiny_root / "params.yaml").read_text())["data"]      # tiny_root's corpus
+    config = write_params(tiny_root, {"schedule": {"monitor_cron": "* * * * *", "lifecycle_cron": None},
+                                      "data": data})
+    err = tiny_root / "schedule.err"
+    with open(err, "wb") as out:
+        proc = subprocess.Popen([*CLI, "schedule", "--config", str(config)], cwd=tiny_root, env=_env(tiny_root),
+                                stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    try:
+        def announced():
+            assert proc.poll() is None, err.read_text()[-3000:]
+            return re.search(r"Prefect API (http://127\.0\.0\.1:\d+/api)", err.read_text())
+        api_url = wait_for(announced, 120, "`llmcycle schedule` to announce its server").group(1)
+        with client_for(api_url) as client:
+            monitor = wait_for(lambda: _polled(client, "monitor/monitor"), 120, "monitor to be served")
+            assert [s.schedule.cron for s in monitor.schedules] == ["* * * * *"]
+
+            def completed_scheduled_run():
+                from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[monitor.id])))
+                done = [r for r in runs if r.state and r.state.is_final()]
+                assert not [r for r in done if not r.state.is_completed()], [(r.name, r.state) for r in done]
+                return next((r for r in done if r.auto_scheduled), None)
+            run = wait_for(completed_scheduled_run, 150, "a scheduled monitor run to complete")
+        assert run.state.is_completed() and run.deployment_id == monitor.id
+        assert run.parameters["config"] == str(config)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
