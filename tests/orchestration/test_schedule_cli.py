@@ -75,12 +75,20 @@ def test_schedule_with_an_unreachable_prefect_api_url_fails_in_one_line(tmp_path
 
 def test_a_cron_schedule_due_within_a_minute_runs_the_real_monitor_flow(tiny_root):
     """`llmcycle schedule` with monitor_cron every minute: the scheduler creates a flow run of the real monitor
-    deployment, the runner executes flows/monitor.py, and it completes (no request log yet: insufficient_data)."""
-    import yaml
+    deployment, the runner executes flows/monitor.py, and it completes (5 requests logged: insufficient_data)."""
+    from tests.serving.server_helpers import build_registry
 
-    data = yaml.safe_load((tiny_root / "params.yaml").read_text())["data"]      # tiny_root's corpus
-    config = write_params(tiny_root, {"schedule": {"monitor_cron": "* * * * *", "lifecycle_cron": None},
-                                      "data": data})
+    import datetime
+    import json
+
+    from tests.monitoring.test_retrain_flow import _window
+
+    build_registry(tiny_root)                     # a champion for the monitor to watch, and a little traffic
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    log = tiny_root / "data" / "inference" / f"requests-{day}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(json.dumps(r) + "\n" for r in _window(5)))
+    config = write_params(tiny_root, {"schedule": {"monitor_cron": "* * * * *", "lifecycle_cron": None}})
     err = tiny_root / "schedule.err"
     with open(err, "wb") as out:
         proc = subprocess.Popen([*CLI, "schedule", "--config", str(config)], cwd=tiny_root, env=_env(tiny_root),
