@@ -20,6 +20,9 @@ from components.errors import TrackingError
 from components.tracking_http import bound_http_retries, check_credentials, check_reachable  # noqa: F401 - re-exported
 
 EXPERIMENT = "llmcycle"
+# The MLflow 3 UI opens an experiment on the view its kind names: training runs, not the GenAI overview that
+# the evaluation's genai traces would otherwise pick.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PARENT_ENV = "LLMCYCLE_PARENT_RUN_ID"
 
 
@@ -78,9 +81,11 @@ def configure(settings: Settings) -> str:
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             location = artifact_location(settings) if uri.startswith("sqlite:") else None
-            exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+            exp_id = client.create_experiment(EXPERIMENT, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         else:
             exp_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_id=exp_id)
     except Exception as exc:  # noqa: BLE001 - a locked or broken store: one clear line, not a traceback
         raise store_error(f"opening experiment {EXPERIMENT!r} at {uri}", exc) from None

@@ -176,6 +176,8 @@ def test_evaluate_logs_run_table_and_plots(evaluated):
     assert len(table["data"]) == settings.evaluate.n_prompts
     assert "genai_evaluate_error" not in run.data.tags
     assert run.data.tags.get("mlflow.runType") == "genai_evaluate"  # genai.evaluate reused our run
+    # The experiment opens on Training runs in the MLflow UI, genai traces or not.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_bad_uri_is_config_error(evaluated):
