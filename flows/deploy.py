@@ -11,6 +11,7 @@ from prefect import flow, task
 from components import config as cfg
 from components import tracking
 from flows.evaluate import retry_transient
+from flows import run_names
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
@@ -39,7 +40,7 @@ def notify_task(config: str, overrides: list[str]) -> dict:
     return after_promotion(cfg.load(config, overrides), config, overrides)
 
 
-@flow(name="deploy", log_prints=True)
+@flow(name="deploy", log_prints=True, flow_run_name=run_names.deploy_name)
 def deploy_flow(config: str = "params.yaml", overrides: list[str] | None = None, model_uri: str | None = None,
                 eval_metrics: dict[str, float] | None = None, eval_run_id: str | None = None,
                 label: str | None = None) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from components import config as cfg
+from flows import run_names
 
 # Messages of store errors worth a second try (SQLite under concurrent writers, a remote server blip).
 TRANSIENT = ("database is locked", "temporarily unavailable", "timed out", "timeout", "connection",
@@ -45,7 +46,7 @@ def evaluate_task(config: str, overrides: list[str], model_uri: str | None = Non
     return {"run_id": result["run_id"], "model_uri": result["model_uri"], "metrics": result["metrics"]}
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, flow_run_name=run_names.evaluate_name)
 def evaluate_flow(config: str = "params.yaml", overrides: list[str] | None = None, model_uri: str | None = None,
                   label: str = "candidate") -> dict:
     """Evaluate model_uri (default: the last fine-tuning stage's HF folder); {run_id, model_uri, metrics}."""

@@ -21,6 +21,7 @@ from flows.data import data_flow
 from flows.deploy import deploy_flow
 from flows.evaluate import evaluate_flow
 from flows.scope import scope_task
+from flows import run_names
 
 
 class LifecycleParams(BaseModel):
@@ -28,7 +29,7 @@ class LifecycleParams(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="dotted.key=value overrides")
 
 
-@flow(name="lifecycle", log_prints=True)
+@flow(name="lifecycle", log_prints=True, flow_run_name=run_names.lifecycle_name)
 def lifecycle(config: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     from components import config as cfg
 

@@ -22,6 +22,7 @@ from prefect import flow, task
 from components import config as cfg
 from components import tracking
 from components.orchestration import OrchestrationError, stop_group
+from flows import run_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,7 @@ def _champion(settings: cfg.Settings) -> str | None:
 
 
 # ----------------------------------------------------------------------------- the flow
-@flow(name="closed-loop", log_prints=True)
+@flow(name="closed-loop", log_prints=True, flow_run_name=run_names.loop_name)
 def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """One pass of the loop; returns what each stage did (run ids, decisions, versions)."""
     from flows.lifecycle import lifecycle

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 
 from components import config as cfg
+from flows import run_names
 
 
 @task(name="judge-window")
@@ -45,7 +46,7 @@ def alert_task(config: str, overrides: list[str], result: dict) -> str | None:
     return str(event.id) if event else None
 
 
-@flow(name="monitor", log_prints=True)
+@flow(name="monitor", log_prints=True, flow_run_name=run_names.monitor_name)
 def monitor_flow(config: str = "params.yaml", overrides: list[str] | None = None, window: int | None = None) -> dict:
     """Returns {decision: drift|no_drift|insufficient_data, reason, monitor_run_id, drift_share, drifted_columns,
     n_current, model_version, window: {start, end, n}, event_id}."""

@@ -11,6 +11,7 @@ from prefect import flow, task
 
 from components import config as cfg
 from components import tracking
+from flows import run_names
 
 
 @task(name="build-feedback-data")
@@ -77,7 +78,7 @@ def training_overrides(settings: cfg.Settings, champion_uri: str, drifted_rows: 
     return out
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, flow_run_name=run_names.retrain_name)
 def retrain_flow(config: str = "params.yaml", overrides: list[str] | None = None,
                  monitor_run_id: str | None = None) -> dict:
     """{status: promoted | rejected | already_running | not_enough_data, retrain_run_id, version, reason,

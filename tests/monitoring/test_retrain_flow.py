@@ -150,6 +150,17 @@ def test_retrain_on_drift_is_promoted_and_one_that_learns_nothing_is_rejected(ti
     assert tags["gate_decision"] == "reject"
     assert float(tags["gate.sft_drifted_bits_per_byte.low"]) <= 0 <= float(tags["gate.sft_drifted_bits_per_byte.high"])
     assert str(client.get_registered_model(settings.registry.model_name).aliases["champion"]) == str(out["version"])
+    # Prefect's run list says what each retrain did: the newest drift, then the named monitor run.
+    names = _prefect_run_names("retrain")
+    assert "retrain on the newest drift" in names and f"retrain on drift of monitor run {monitor2[:8]}" in names
+
+
+def _prefect_run_names(flow_name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as c:
+        return [r.name for r in c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))]
 
 
 def _llmcycle(root: Path, *args: str) -> subprocess.CompletedProcess:
