@@ -46,17 +46,10 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
                              "--port", str(port), "--set", "serving.rate_limit.requests_per_minute=1000000",
                              "--set", "serving.rate_limit.tokens_per_minute=1000000000"],
                             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become ready in 180 s")
+    from tests.serving.server_helpers import wait_ready
+
+    wait_ready(proc, f"http://127.0.0.1:{port}", 180)
+    return proc
 
 
 def set_champion(root: Path, version: str) -> None:

@@ -21,7 +21,7 @@ from flows.data import data_flow
 from flows.deploy import deploy_flow
 from flows.evaluate import evaluate_flow
 from flows.scope import scope_task
-from flows import run_names
+from flows import artifacts, run_names
 
 
 class LifecycleParams(BaseModel):
@@ -75,6 +75,7 @@ def _lifecycle(params: LifecycleParams, settings: Settings) -> dict:
         result["deploy"] = deploy_flow(train_params.config, train_params.overrides, ev["model_uri"],
                                        ev["metrics"], eval_run_id=ev["run_id"])
     result["tracking_uri"] = tracking.tracking_uri(settings)
+    artifacts.publish(artifacts.LIFECYCLE, "Lifecycle", *artifacts.lifecycle_body(result))
     return result
 
 

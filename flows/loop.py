@@ -22,7 +22,7 @@ from prefect import flow, task
 from components import config as cfg
 from components import tracking
 from components.orchestration import OrchestrationError, stop_group
-from flows import run_names
+from flows import artifacts, run_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,6 +143,7 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
         out["stopped"] = (f"no champion to serve (the lifecycle's gate: {dep.get('decision')} "
                           f"v{dep.get('version')}: {dep.get('reason')}); the rest of the loop did not run")
         say(out["stopped"])
+        _publish(out)
         return out
     say(f"lifecycle done; champion v{out['champion_before']}; checking the model server")
     server = out["server"] = ensure_server_task(config, overrides)
@@ -161,7 +162,15 @@ def closed_loop(config: str = "params.yaml", overrides: list[str] | None = None)
     out["champion_after"] = _champion(settings)
     if out["champion_after"] and out["champion_after"] != out["champion_before"]:
         out["swap"] = await_swap_task(server["url"], out["champion_after"], loop.swap_timeout_s)
+    _publish(out)
     return out
+
+
+def _publish(out: dict) -> None:
+    """The verdict and the stage table as the `llmcycle-loop` Prefect artifact (the flow run's Artifacts tab)."""
+    first_line, _ = verdict(out)
+    artifacts.publish(artifacts.LOOP, "Closed loop", f"**{first_line}**\n\n"
+                      + artifacts.markdown_table(summary_rows(out), ("stage", "MLflow run", "result")), first_line)
 
 
 # ----------------------------------------------------------------------------- the driver

@@ -11,7 +11,7 @@ from prefect import flow, task
 
 from components import config as cfg
 from components import tracking
-from flows import run_names
+from flows import artifacts, run_names
 
 
 @task(name="build-feedback-data")
@@ -119,6 +119,7 @@ def retrain_flow(config: str = "params.yaml", overrides: list[str] | None = None
     finally:
         lock.release()
     print(f"retrain: {out['status']}{' v' + str(out['version']) if out['version'] else ''}: {out['reason']}")
+    artifacts.publish(artifacts.RETRAIN, "Retrain", *artifacts.retrain_body(out))
     return out
 
 

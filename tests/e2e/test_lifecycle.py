@@ -64,6 +64,15 @@ def test_lifecycle_end_to_end(tiny_root):
     assert mv.tags["trained_run_id"] == runs["dpo"].info.run_id and mv.tags["stage"] == "dpo"
     assert mv.tags["params_hash"] == runs["dpo"].data.tags["params_hash"]
 
+    # Prefect's Artifacts tab tells the same story: the plan, the data version, the evaluation and the gate.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["llmcycle-lifecycle"])))
+    (art,) = [a for a in arts if f"| MLflow lifecycle run | {result['lifecycle_run_id']} |" in a.data]
+    assert art.description == "gate promote v1" and "| gate | promote v1: no champion; success criteria met |" in art.data
+
     # Re-run: unchanged commit, data and params -> no duplicate version, DVC reuses the data.
     again = lifecycle(config, overrides)
     assert again["deploy"]["reused"] is True

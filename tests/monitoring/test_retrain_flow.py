@@ -153,6 +153,15 @@ def test_retrain_on_drift_is_promoted_and_one_that_learns_nothing_is_rejected(ti
     # Prefect's run list says what each retrain did: the newest drift, then the named monitor run.
     names = _prefect_run_names("retrain")
     assert "retrain on the newest drift" in names and f"retrain on drift of monitor run {monitor2[:8]}" in names
+    # ... and its Artifacts tab holds each decision under one key, newest last.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["llmcycle-retrain"])))
+    arts = sorted(arts, key=lambda a: a.created)
+    assert [a.description for a in arts][-3:] == ["retrain promoted", "retrain not_enough_data", "retrain rejected"]
+    assert f"| challenger | {frozen['version']} |" in arts[-1].data and "| status | rejected |" in arts[-1].data
 
 
 def _prefect_run_names(flow_name: str) -> list[str]:

@@ -62,7 +62,6 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(app, timeout: float = 120.0):
     """Serve app with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL once /readyz is 200."""
-    import httpx
     import uvicorn
 
     port = free_port()
@@ -70,17 +69,8 @@ def running_server(app, timeout: float = 120.0):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise TimeoutError(f"server at {base} not ready in {timeout}s")
+        wait_ready(lambda: thread.is_alive(), base, timeout)
         yield base
     finally:
         server.should_exit = True
@@ -97,3 +87,21 @@ def make_app(settings: cfg.Settings, keys=(KEY,), admin: str | None = ADMIN, no_
 
 def auth(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
+
+
+def wait_ready(alive, base: str, timeout_s: float = 180.0) -> None:
+    """Until the server at base answers /readyz 200; AssertionError when it stops (alive: a Popen, or a callable
+    that says whether it still runs) or times out."""
+    import httpx
+
+    is_alive = alive if callable(alive) else (lambda: alive.poll() is None)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert is_alive(), f"the server at {base} stopped before it was ready"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server at {base} did not become ready in {timeout_s:.0f} s")

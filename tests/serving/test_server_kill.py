@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving.server_helpers import KEY, auth, build_registry, free_port
+from tests.serving.server_helpers import KEY, auth, build_registry, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +28,8 @@ def _start(root, port: int) -> subprocess.Popen:
                              "--set", "serving.rate_limit.tokens_per_minute=100000000"],
                             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
+    wait_ready(proc, f"http://127.0.0.1:{port}", 120)
+    return proc
 
 
 def _log_lines(root) -> list[str]:

@@ -23,9 +23,10 @@ def model(tok):
     return varied_tiny_model(SHAPE, tok)
 
 
-def manual_greedy(model, tok, prompt, n):
-    """Reference: full forward each step, argmax of the last position, stop at an end token."""
-    ids = tok.encode(prompt, add_special_tokens=False)
+def manual_greedy(model, tok, prompt, n, ids: list[int] | None = None):
+    """Reference: full forward each step, argmax of the last position, stop at an end token (from the prompt's
+    ids, or from `ids` when given)."""
+    ids = tok.encode(prompt, add_special_tokens=False) if ids is None else ids
     ends = {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}
     new = []
     with torch.no_grad():
@@ -74,19 +75,6 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model, tok)
     assert torch.equal(state, torch.get_rng_state())
 
 
-def _greedy_by_hand(model, tok, ids: list[int], n: int) -> str:
-    """The completion a plain greedy loop over the full forward pass gives (no cache, no batching)."""
-    ends = set(stop_token_ids(tok))
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
-            if nxt in ends:
-                break
-            out.append(nxt)
-    return tok.decode(out, skip_special_tokens=True)
-
-
 def test_long_and_empty_prompts(model, tok):
     """A prompt beyond the context keeps its last block_size - max_new_tokens tokens; an empty one starts from
     the end-of-text token, as every pretraining document does: each equals a plain greedy loop on that input."""
@@ -94,7 +82,7 @@ def test_long_and_empty_prompts(model, tok):
     out = generate(model, tok, [long_prompt, ""], max_new_tokens=8)
     model.eval()
     tail = tok.encode(long_prompt, add_special_tokens=False)[-(64 - 8):]
-    assert out == [_greedy_by_hand(model, tok, tail, 8), _greedy_by_hand(model, tok, [stop_token_ids(tok)[0]], 8)]
+    assert out == [manual_greedy(model, tok, "", 8, ids=tail), manual_greedy(model, tok, "", 8, ids=[stop_token_ids(tok)[0]])]
     assert generate(model, tok, [], max_new_tokens=8) == []
 
 
