@@ -26,14 +26,17 @@ def _sets(params: dict[str, Any], most: int = 3) -> str:
     return " --set " + " ".join(items[:most]) + more
 
 
-def lifecycle_name() -> str:
+def _on_config(what: str) -> str:
     p = _params()
-    return f"lifecycle {Path(str(p.get('config') or 'params.yaml')).name}{_sets(p)}"
+    return f"{what} {Path(str(p.get('config') or 'params.yaml')).name}{_sets(p)}"
+
+
+def lifecycle_name() -> str:
+    return _on_config("lifecycle")
 
 
 def loop_name() -> str:
-    p = _params()
-    return f"closed loop {Path(str(p.get('config') or 'params.yaml')).name}{_sets(p)}"
+    return _on_config("closed loop")
 
 
 def retrain_name() -> str:
